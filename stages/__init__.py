@@ -1,0 +1,1 @@
+"""One module per stage; each reads like its paper's method section and knows nothing about Ray."""
