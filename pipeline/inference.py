@@ -1,0 +1,202 @@
+"""One test-time inference implementation for every evaluation protocol.
+
+A protocol (IFSeg, ZegCLIP, ZSSeg, TCL/FMbSeg) is data: resize rule, whole-image or sliding-window
+inference, score transform and seen-class penalty. A model is a callable that maps un-normalised RGB
+pixels in [0, 1] to class logits; normalisation and any feature post-processing (IFSeg K-NN) are its job.
+
+Order of operations (mmseg `EncoderDecoder.inference` / ZegCLIP `slide_inference`):
+1. resize keeping aspect ratio: scale = min(short_side / min(H, W), max_long_side / max(H, W)),
+   new size = int(side · scale + 0.5) (mmcv `rescale_size`); bilinear, align_corners=False, no antialias,
+   rounded back to uint8 like `mmcv.imrescale`, then divided by 255;
+2. whole: one forward; slide: the mmseg window grid, each window's logits resized to the window size,
+   summed into the canvas and divided by the per-pixel window count;
+3. logits resized bilinearly (align_corners=False) to the ORIGINAL image size;
+4. score transform, seen-class penalty, argmax over classes.
+
+Where the score transform sits: "sigmoid" is applied to each forward's output right after it is resized
+to that forward's input size, before windows are averaged, as ZegCLIP's head does (`semantic_inference`);
+"softmax" is applied once to the averaged, original-size logits, as mmseg does. The seen penalty is a
+constant per class, so applying it per window (ZegCLIP) or once at the end (here) gives the same scores.
+
+Choices where the sources are silent or differ: a window larger than the image is zero-padded (black,
+bottom/right) to the full crop size, so fixed-input-size ViTs work; mmseg instead feeds the smaller crop
+unpadded. detectron2 (ZSSeg) resizes with PIL, which antialiases when downscaling; this module does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "conf" / "protocol"
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Protocol:
+    """Test-time protocol settings; recorded next to every metric they produce.
+
+    Attributes:
+        name: protocol name, e.g. "ifseg", "zegclip", "zsseg", "tcl".
+        short_side: target short side in pixels after resizing (keep aspect ratio).
+        max_long_side: cap on the long side in pixels (mmseg img_scale=(max_long_side, short_side)).
+        mode: "whole" (one forward on the resized image) or "slide" (mmseg sliding window).
+        crop: slide window side in pixels (square).
+        stride: slide stride in pixels; must satisfy 0 < stride <= crop.
+        seen_penalty: subtracted from seen-class scores before the argmax (ZegCLIP inductive: 0.1 on sigmoid).
+        score: "softmax" | "sigmoid" | "raw": what the penalty and argmax act on.
+        background: dataset background policy recorded with the metrics: "ignore" (bg GT -> 255),
+            "class" (bg is a class), "stuff_names" (stuff words in the vocabulary map to bg).
+        knn_postprocess: whether IFSeg's K-NN post-processing is on (the logits callable does it).
+    """
+
+    name: str = "ifseg"
+    short_side: int = 512
+    max_long_side: int = 2048
+    mode: str = "whole"
+    crop: int = 512
+    stride: int = 426
+    seen_penalty: float = 0.0
+    score: str = "softmax"
+    background: str = "ignore"
+    knn_postprocess: bool = False
+
+    def __post_init__(self) -> None:
+        choices = {"mode": ("whole", "slide"), "score": ("softmax", "sigmoid", "raw"),
+                   "background": ("ignore", "class", "stuff_names")}  # fmt: skip
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"protocol.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.short_side <= 0 or self.max_long_side <= 0:
+            raise ValueError(f"protocol sizes must be positive, got {self.short_side}/{self.max_long_side}")
+        if not 0 < self.stride <= self.crop:
+            raise ValueError(f"protocol.stride must satisfy 0 < stride <= crop, got {self.stride}/{self.crop}")
+
+
+def load_protocol(name: str) -> Protocol:
+    """Protocol preset `conf/protocol/<name>.yaml` (found relative to this file, so any cwd works)."""
+    import yaml
+
+    path = PROTOCOL_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROTOCOL_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no protocol preset {name!r} at {path}; known presets: {known}")
+    data = yaml.safe_load(path.read_text()) or {}
+    data.pop("_target_", None)
+    unknown = set(data) - {f.name for f in fields(Protocol)}
+    if unknown:
+        raise ValueError(f"{path}: unknown protocol keys {sorted(unknown)}")
+    return Protocol(**data)
+
+
+def rescale_size(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:
+    """(new_height, new_width) after keep-ratio resizing with mmcv's rounding (int(x · scale + 0.5))."""
+    scale = min(short_side / min(height, width), max_long_side / max(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def slide_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """mmseg sliding-window grid as (y1, y2, x1, x2) pixel boxes, end-exclusive, row-major.
+
+    grids = max(ceil((side − crop) / stride), 0) + 1 per axis; a window that would cross the border is
+    shifted back inside it (y1 = max(y2 − crop, 0)), so the last window ends exactly at the border.
+    """
+    boxes = []
+    for y_idx in range(max(height - crop + stride - 1, 0) // stride + 1):
+        for x_idx in range(max(width - crop + stride - 1, 0) // stride + 1):
+            y2, x2 = min(y_idx * stride + crop, height), min(x_idx * stride + crop, width)
+            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return boxes
+
+
+def _resize(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of [N, C, h, w] to `size` (align_corners=False); identity when already that size."""
+    if tuple(tensor.shape[-2:]) == tuple(size):
+        return tensor
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
+
+
+def _forward(pixels: torch.Tensor, logits_fn: LogitsFn, num_classes: int, score: str) -> torch.Tensor:
+    """Logits of one forward resized to the input's size: [1, C, h, w] float32 (sigmoid applied if asked)."""
+    logits = logits_fn(pixels)
+    if logits.ndim != 4 or logits.shape[:2] != (1, num_classes):
+        raise ValueError(f"logits_fn must return [1, {num_classes}, h, w], got {tuple(logits.shape)}")
+    logits = _resize(logits.float().to(pixels.device), tuple(pixels.shape[-2:]))
+    return logits.sigmoid() if score == "sigmoid" else logits
+
+
+def slide_logits(
+    pixels: torch.Tensor, logits_fn: LogitsFn, num_classes: int, protocol: Protocol
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliding-window logits of a [1, 3, h, w] image: ([1, C, h, w] window average, [1, 1, h, w] window count)."""
+    _, _, height, width = pixels.shape
+    crop = protocol.crop
+    canvas = pixels.new_zeros((1, num_classes, height, width))
+    count = pixels.new_zeros((1, 1, height, width))
+    for y1, y2, x1, x2 in slide_windows(height, width, crop, protocol.stride):
+        window = pixels[:, :, y1:y2, x1:x2]
+        pad_h, pad_w = crop - (y2 - y1), crop - (x2 - x1)
+        if pad_h or pad_w:
+            window = F.pad(window, (0, pad_w, 0, pad_h))
+        logits = _forward(window, logits_fn, num_classes, protocol.score)
+        canvas[:, :, y1:y2, x1:x2] += logits[:, :, : y2 - y1, : x2 - x1]
+        count[:, :, y1:y2, x1:x2] += 1
+    if bool((count == 0).any()):
+        raise RuntimeError("sliding windows left pixels uncovered; check crop and stride")
+    return canvas / count, count
+
+
+def predict_scores(
+    image: np.ndarray,
+    logits_fn: LogitsFn,
+    protocol: Protocol,
+    num_classes: int,
+    seen_ids: Sequence[int] = (),
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Per-class scores at the original resolution: [C, H, W] float32 on `device`, after transform and penalty.
+
+    Args:
+        image: [H, W, 3] uint8 RGB.
+        logits_fn: maps [1, 3, h, w] float32 pixels in [0, 1] (un-normalised) to [1, C, h', w'] logits.
+        protocol: the test-time protocol.
+        num_classes: C.
+        seen_ids: class ids that receive `protocol.seen_penalty`.
+        device: where resizing and accumulation run (the callable receives tensors on it).
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be [H, W, 3] uint8, got {image.shape} {image.dtype}")
+    height, width = image.shape[:2]
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
+    size = rescale_size(height, width, protocol.short_side, protocol.max_long_side)
+    pixels = _resize(pixels, size).round().clamp(0, 255) / 255.0
+    with torch.no_grad():
+        if protocol.mode == "slide":
+            logits, _ = slide_logits(pixels, logits_fn, num_classes, protocol)
+        else:
+            logits = _forward(pixels, logits_fn, num_classes, protocol.score)
+        scores = _resize(logits, (height, width))[0]
+        if protocol.score == "softmax":
+            scores = scores.softmax(dim=0)
+        if protocol.seen_penalty and len(seen_ids):
+            scores[torch.as_tensor(list(seen_ids), dtype=torch.long, device=scores.device)] -= protocol.seen_penalty
+    return scores
+
+
+def predict(
+    image: np.ndarray,
+    logits_fn: LogitsFn,
+    protocol: Protocol,
+    num_classes: int,
+    seen_ids: Sequence[int] = (),
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Predicted class ids at the original resolution: [H, W] int64 (argmax of `predict_scores`)."""
+    scores = predict_scores(image, logits_fn, protocol, num_classes, seen_ids, device)
+    return scores.argmax(dim=0).cpu().numpy().astype(np.int64)
+
