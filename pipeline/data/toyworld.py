@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.data.records import ImageRecord, ItemRef, failed_record, resolve_vocab
+from pipeline.data.vocab import Vocabulary
+
 CLASS_NAMES: tuple[str, ...] = (
     "sky", "grass", "road", "water", "building", "tree", "sand", "car", "person", "dog", "boat", "ball",
 )
@@ -274,27 +277,6 @@ def render_scene(seed: int, size: int = 128) -> ToyScene:
     return ToyScene(image=image, label=canvas.label, instances=instances)
 
 
-@dataclass(frozen=True)
-class ItemRef:
-    """Reference to one input item (the project's adapter contract)."""
-
-    key: str
-    source: str
-    label_source: str | None = None
-    extra: tuple = ()
-
-
-@dataclass
-class ImageRecord:
-    """One loaded item: (H, W, 3) uint8 RGB image, (H, W) uint8 label map, JSON-small meta, or an error."""
-
-    key: str
-    image: np.ndarray | None
-    label: np.ndarray | None
-    meta: dict
-    error: str | None = None
-
-
 @dataclass
 class ToyWorldAdapter:
     """Input adapter over ToyWorld scenes, rendered on the fly from the item's source URL.
@@ -304,18 +286,23 @@ class ToyWorldAdapter:
         num_images: Number of items listed, indices ``0 .. num_images - 1``.
         size: Side length of the rendered images, pixels.
         seed: World seed; different worlds have different scenes for the same split and index.
-        vocab: Name of the vocabulary whose train ids the label maps use.
+        vocab: Vocabulary (name, YAML path or object) whose train ids the label maps use; its class names must
+            be ``CLASS_NAMES`` in order. Resolved to a ``Vocabulary`` at construction.
     """
 
     split: str = "train"
     num_images: int = 64
     size: int = 128
     seed: int = 0
-    vocab: str = "toy"
+    vocab: str | Vocabulary = "toy"
     name: str = "toyworld"
 
     def __post_init__(self) -> None:
         split_seed(self.split, max(self.num_images - 1, 0), self.seed)  # fail early on bad knobs
+        self.vocab = resolve_vocab(self.vocab, "toy", "toyworld")
+        if tuple(self.vocab.names) != CLASS_NAMES:
+            raise ValueError(f"toyworld draws the classes {list(CLASS_NAMES)} but vocab {self.vocab.name!r} has "
+                             f"{list(self.vocab.names)}; set vocab=toy")
 
     def list_items(self) -> list[ItemRef]:
         """Refs ``toy_<split>_<index:06d>`` with source ``toyworld://<split>/<index>?size=<size>&seed=<seed>``."""
@@ -327,13 +314,14 @@ class ToyWorldAdapter:
 
     def load(self, ref: ItemRef) -> ImageRecord:
         """Render the scene named by ``ref.source``; a malformed source becomes a record with ``error`` set."""
+        meta = {"source": ref.source, "label_source": ref.label_source, "dataset": self.name, "notes": []}
         try:
             split, index, size, world_seed = parse_source(ref.source)
         except ValueError as exc:
-            return ImageRecord(key=ref.key, image=None, label=None, meta={"source": ref.source}, error=str(exc))
+            return failed_record(ref.key, meta, str(exc))
         scene = render_scene(split_seed(split, index, world_seed), size)
-        meta = {"source": ref.source, "split": split, "index": index, "size": size, "world_seed": world_seed,
-                "classes": [int(c) for c in np.unique(scene.label)], "num_instances": len(scene.instances)}
+        meta |= {"orig_size": [size, size], "split": split, "index": index, "world_seed": world_seed,
+                 "classes": [int(c) for c in np.unique(scene.label)], "num_instances": len(scene.instances)}
         return ImageRecord(key=ref.key, image=scene.image, label=scene.label, meta=meta)
 
     def instances(self, ref: ItemRef) -> list[tuple[int, np.ndarray]]:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.data.records import ItemRef
 from pipeline.data.toyworld import (
     BOAT,
     CAR,
@@ -17,12 +18,12 @@ from pipeline.data.toyworld import (
     STUFF_IDS,
     THING_IDS,
     WATER,
-    ItemRef,
     ToyWorldAdapter,
     parse_source,
     render_scene,
     split_seed,
 )
+from pipeline.data.vocab import load_vocab
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_adapter_contract() -> None:
     refs = adapter.list_items()
     assert [r.key for r in refs] == ["toy_val_000000", "toy_val_000001", "toy_val_000002"]
     assert refs[1].source == "toyworld://val/1?size=48&seed=2"
-    assert adapter.vocab == "toy" and adapter.name == "toyworld"
+    assert adapter.vocab.name == "toy" and adapter.name == "toyworld"
     record = adapter.load(refs[1])
     scene = render_scene(split_seed("val", 1, world_seed=2), 48)
     assert record.error is None and record.key == "toy_val_000001"
@@ -132,7 +133,7 @@ def test_adapter_contract() -> None:
 
 def test_adapter_rejects_bad_input() -> None:
     bad = ToyWorldAdapter().load(ItemRef(key="k", source="toyworld://dev/1?size=32"))
-    assert bad.image is None and "split" in bad.error
+    assert bad.image is None and not bad.ok and "split" in bad.error
     assert ToyWorldAdapter().load(ItemRef(key="k", source="file:///x.png")).error
     assert parse_source("toyworld://test/7") == ("test", 7, 128, 0)
     with pytest.raises(ValueError):
@@ -140,7 +141,9 @@ def test_adapter_rejects_bad_input() -> None:
 
 
 def test_class_order_matches_the_toy_vocabulary() -> None:
-    vocab_module = pytest.importorskip("pipeline.data.vocab")
-    vocab = vocab_module.load_vocab("toy")
-    names = getattr(vocab, "names", getattr(vocab, "class_names", None))
-    assert tuple(names) == CLASS_NAMES
+    vocab = load_vocab("toy")
+    assert vocab.names == CLASS_NAMES
+    assert [vocab.names[i] for i in vocab.unseen_ids] == ["tree", "dog", "boat"]
+    assert ToyWorldAdapter(vocab=vocab).vocab is vocab
+    with pytest.raises(ValueError, match="vocab=toy"):
+        ToyWorldAdapter(vocab="voc_21")
