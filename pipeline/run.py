@@ -1,0 +1,252 @@
+"""`python -m pipeline.run conf=NAME [stages=[..]] [force=[..]] [key=value ...]`: run a preset's DAG.
+
+The preset is `conf/NAME.yaml` (default `demo`), composed with Hydra's compose API: Hydra never changes the
+working directory, and workers receive the resolved config as plain data, never paths to config files.
+Under `ray job submit` the driver connects to the job's cluster (RAY_ADDRESS); otherwise a local Ray starts
+in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from pipeline import dag
+from pipeline.executor import make_executor
+from pipeline.fingerprint import stage_fingerprint
+from pipeline.shards import MANIFEST_NAME, ShardDone, StageOutput, join, read_done, write_pointer, write_stage_index
+from pipeline.stage import ConfigError, Resources, Stage, StageContext, build_config
+
+log = logging.getLogger("pipeline")
+PACKAGES = ("torch", "ray", "open_clip_torch", "segment-anything", "transformers", "webdataset", "numpy", "pyarrow")
+
+
+class FailureRatioExceeded(RuntimeError):
+    """More samples failed than `max_failure_ratio` allows; the shards are kept, the stage is not published."""
+
+
+def conf_dir() -> Path:
+    """The directory of the Hydra presets (`conf/` next to the packages; override with SEGETL_CONF_DIR)."""
+    return Path(os.environ.get("SEGETL_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
+
+
+def compose(preset: str = "demo", overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Compose `conf/<preset>.yaml` with Hydra overrides into a plain, resolved dict."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    available = sorted(p.stem for p in conf_dir().glob("*.yaml") if p.stem != "base")
+    if preset not in available:
+        raise ConfigError(f"conf={preset!r} not found in {conf_dir()}; presets: {available}")
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = hydra_compose(config_name=preset, overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def parse_argv(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """Split `conf=NAME` from the Hydra overrides."""
+    preset, overrides = "demo", []
+    for arg in argv:
+        if arg.startswith("conf="):
+            preset = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    return preset, overrides
+
+
+@dataclass
+class NodeSummary:
+    """One line of the run summary."""
+
+    node: str
+    status: str
+    samples: int
+    failed: int
+    shards: int
+    seconds: float
+
+    def line(self) -> str:
+        rate = f"{self.samples / self.seconds:10.1f} samples/s" if self.status == "ran" and self.seconds else ""
+        return (f"{self.node:<14} {self.status:<11} {self.samples:>9} samples {self.failed:>6} failed "
+                f"{self.shards:>6} shards {self.seconds:9.2f} s {rate}")
+
+
+def output_root(cfg: Mapping[str, Any]) -> str:
+    """The output root as an absolute path or URL (relative local paths resolve against the launch cwd)."""
+    root = str(cfg["output_root"])
+    return root if "://" in root else os.path.abspath(root)
+
+
+def plan_fingerprints(nodes: Mapping[str, dag.Node], cfg: Mapping[str, Any]) -> dict[str, str]:
+    """The fingerprint of every node, upstream first; also validates every node's config before any work."""
+    fingerprints: dict[str, str] = {}
+    for name in dag.topological_order(nodes):
+        node = nodes[name]
+        stage_cls = dag.stage_class(node.kind)
+        stage = stage_cls(StageContext(node=name, seed=int(cfg["seed"]), config=node.config))
+        upstream = {port: fingerprints[up] for port, up in sorted(node.inputs.items())}
+        fingerprints[name] = stage_fingerprint(node.kind, stage_cls.code_version, {**node.config,
+                                               "seed": cfg["seed"]}, upstream, stage.identities())
+    return fingerprints
+
+
+def check_inputs_exist(nodes: Mapping[str, dag.Node], selected: list[str], fingerprints: Mapping[str, str],
+                       fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Fail before any work when a selected node reads an upstream output that is neither run now nor on disk."""
+    for name in selected:
+        for port, upstream in nodes[name].inputs.items():
+            if upstream in selected:
+                continue
+            if not fs.exists(join(root, upstream, fingerprints[upstream], MANIFEST_NAME)):
+                raise ConfigError(f"{name} reads {port} from {upstream!r}, whose output for this config does not "
+                                  f"exist under {join(root, upstream)}; run it first: stages=[{upstream},{name}]")
+
+
+def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, str], root: str, forced: bool,
+             executor_kind: str) -> NodeSummary:
+    """Run (or skip, when up to date) one node and publish its manifest and pointer."""
+    fs, root_path = fsspec.core.url_to_fs(root)
+    fingerprint = fingerprints[node.name]
+    out_path = join(root_path, node.name, fingerprint)
+    manifest_path = join(out_path, MANIFEST_NAME)
+    if fs.exists(manifest_path) and not forced:
+        existing = StageOutput(fs.unstrip_protocol(out_path))
+        return NodeSummary(node.name, "up to date", existing.num_samples, existing.manifest["num_failed"],
+                           len(existing.manifest["shards"]), 0.0)
+    if forced and fs.exists(manifest_path):
+        fs.rm_file(manifest_path)
+    started = time.perf_counter()
+    stage_cls = dag.stage_class(node.kind)
+    upstream = {port: StageOutput(fs.unstrip_protocol(join(root_path, up, fingerprints[up])))
+                for port, up in node.inputs.items()}
+    context = StageContext(node=node.name, seed=int(cfg["seed"]), config=node.config, upstream=upstream,
+                           output_url=fs.unstrip_protocol(out_path))
+    stage = stage_cls(context)
+    plans = stage.plan()
+    done: dict[int, ShardDone] = {}
+    if not forced:
+        for plan in plans:
+            marker = read_done(fs, out_path, plan.index, fingerprint)
+            if marker is not None:
+                done[plan.index] = marker
+    todo = [plan for plan in plans if plan.index not in done]
+    resources = build_config(Resources, node.config.get("resources") or {}, f"{node.name}.resources")
+    if todo:
+        log.info("%s: %d of %d shards to run (%d already done)", node.name, len(todo), len(plans), len(done))
+        make_executor(executor_kind).run(stage_cls, context, todo, resources,
+                                         lambda d: done.__setitem__(int(d.shard), d))
+    shards = [done[plan.index] for plan in plans]
+    summary = NodeSummary(node.name, "ran", sum(d.count for d in shards), sum(d.failed for d in shards),
+                          len(shards), time.perf_counter() - started)
+    _check_failure_ratio(summary, float(cfg.get("max_failure_ratio", 0.0)))
+    manifest = _manifest(node, stage, fingerprint, fingerprints, shards)
+    write_stage_index(fs, out_path, manifest, shards)
+    write_pointer(fs, join(root_path, node.name), fingerprint)
+    return summary
+
+
+def _check_failure_ratio(summary: NodeSummary, max_ratio: float) -> None:
+    total = summary.samples + summary.failed
+    if total and summary.failed / total > max_ratio:
+        raise FailureRatioExceeded(
+            f"{summary.node}: {summary.failed} of {total} samples failed ({summary.failed / total:.1%}), above "
+            f"max_failure_ratio={max_ratio}; the reasons are in the shards' .parquet sidecars (status == 'failed')")
+
+
+def _manifest(node: dag.Node, stage: Stage, fingerprint: str, fingerprints: Mapping[str, str],
+              shards: list[ShardDone]) -> dict[str, Any]:
+    return {
+        "node": node.name, "kind": node.kind, "fingerprint": fingerprint, "schema": stage.schema,
+        "code_version": stage.code_version, "config": node.config, "identities": stage.identities(),
+        "upstream": {port: {"node": up, "fingerprint": fingerprints[up]} for port, up in node.inputs.items()},
+        "shards": [{"name": f"{d.shard}.tar", "count": d.count, "failed": d.failed, "sha256": d.sha256,
+                    "bytes": d.bytes} for d in shards],
+        "num_samples": sum(d.count for d in shards), "num_failed": sum(d.failed for d in shards),
+        "versions": _versions(), **stage.manifest_extra(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def init_ray(ray_cfg: Mapping[str, Any]) -> None:
+    """Connect to RAY_ADDRESS / `ray.address` when given (ray job submit), else start a local Ray in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=ray_cfg.get("num_cpus"), include_dashboard=False, log_to_driver=True,
+                 _temp_dir=ray_cfg.get("temp_dir"))
+
+
+def run(cfg: Mapping[str, Any]) -> list[NodeSummary]:
+    """Run the selected nodes of a resolved config; returns one summary per node."""
+    nodes = dag.build_nodes(cfg)
+    selected = dag.select(nodes, cfg.get("stages"))
+    forced = set(cfg.get("force") or [])
+    unknown = sorted(forced - set(nodes))
+    if unknown:
+        raise ConfigError(f"force={unknown} are not nodes of this config; nodes: {sorted(nodes)}")
+    fingerprints = plan_fingerprints(nodes, cfg)
+    root = output_root(cfg)
+    fs, root_path = fsspec.core.url_to_fs(root)
+    check_inputs_exist(nodes, selected, fingerprints, fs, root_path)
+    summaries = []
+    for name in selected:
+        if cfg.get("executor", "ray") == "ray" and not _up_to_date(fs, root_path, name, fingerprints, forced):
+            init_ray(cfg.get("ray") or {})
+        summary = run_node(nodes[name], cfg, fingerprints, root, name in forced, cfg.get("executor", "ray"))
+        print(summary.line(), flush=True)
+        summaries.append(summary)
+    return summaries
+
+
+def _up_to_date(fs: fsspec.AbstractFileSystem, root: str, name: str, fingerprints: Mapping[str, str],
+                forced: set[str]) -> bool:
+    return name not in forced and fs.exists(join(root, name, fingerprints[name], MANIFEST_NAME))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; exit codes: 0 ok, 1 failure ratio exceeded, 2 bad configuration or missing input."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    preset, overrides = parse_argv(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = compose(preset, overrides)
+        started = time.perf_counter()
+        summaries = run(cfg)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except FailureRatioExceeded as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"done: {len(summaries)} stage(s) in {time.perf_counter() - started:.1f} s; outputs under "
+          f"{output_root(cfg)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The contract between a stage and the executors. Stages know nothing about Ray.
+
+Lifecycle of one stage run (driver, then workers):
+
+    driver:  stage = Kind(context); stage.identities(); plans = stage.plan()
+    worker:  stage.setup()                                  once per task (CPU) or per actor (model stages)
+             for each batch of a shard's items:
+                 loaded = [stage.load(item) ...]            prefetched in a thread: decoding overlaps compute
+                 outputs = stage.process_batch(loaded)      one SampleOutput per item, failures included
+
+A stage's knobs are the fields of its `Config` dataclass; the node's YAML mirrors them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pipeline.shards import SampleOutput, StageOutput
+
+
+class ConfigError(ValueError):
+    """A bad configuration, found before any compute; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One unit of work: shard `index` and its per-sample inputs (picklable, cheap: indices, refs, URLs)."""
+
+    index: int
+    items: tuple[Any, ...]
+
+
+@dataclass
+class Resources:
+    """Where and how fast a node runs; never part of its fingerprint.
+
+    Attributes:
+        num_cpus: CPUs per task or actor (fractional allowed: Ray on 2 cores starves with whole CPUs per actor).
+        num_gpus: GPUs per actor; > 0 makes the executor use an actor pool.
+        pool_size: actors in the pool for model stages (fixed size).
+        batch_size: items per `process_batch` call.
+        max_retries: Ray retries of a failed shard task (worker crash, node loss).
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    pool_size: int = 1
+    batch_size: int = 64
+    max_retries: int = 3
+
+
+@dataclass
+class StageContext:
+    """Everything a stage instance needs; built on the driver and shipped (pickled) to workers.
+
+    Attributes:
+        node: node name in the DAG (the top-level config key, e.g. "wordgrid").
+        seed: the run seed; random streams derive from (seed, node, shard index[, sample index]).
+        config: the node's resolved config as plain data (no file paths to config files).
+        upstream: input port -> the upstream stage output it reads.
+        output_url: the fingerprint directory this run writes into.
+    """
+
+    node: str
+    seed: int
+    config: dict[str, Any]
+    upstream: dict[str, StageOutput] = field(default_factory=dict)
+    output_url: str = ""
+
+
+class Stage:
+    """Base class of the stage kinds; subclasses live in `stages/`."""
+
+    kind: ClassVar[str] = ""
+    code_version: ClassVar[str] = "1"
+    schema: ClassVar[str] = ""
+    input_ports: ClassVar[tuple[str, ...]] = ()
+    uses_models: ClassVar[bool] = False
+    Config: ClassVar[type] = object
+
+    def __init__(self, context: StageContext) -> None:
+        self.context = context
+        self.cfg = build_config(self.Config, context.config, context.node)
+
+    def identities(self) -> dict[str, str]:
+        """Identities of non-stage inputs (weights, vocabulary content) for the fingerprint; driver side."""
+        return {}
+
+    def plan(self) -> list[ShardPlan]:
+        """Split the work into shards; driver side, cheap (no decoding, no models)."""
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        """Load models and other per-worker state."""
+
+    def load(self, item: Any) -> Any:
+        """Per-item CPU work that can run ahead of `process_batch` (decode); must not raise for bad data."""
+        return item
+
+    def process_batch(self, loaded: Sequence[Any]) -> list[SampleOutput]:
+        """Produce one SampleOutput per loaded item, failed ones included."""
+        raise NotImplementedError
+
+    def item_key(self, item: Any) -> str:
+        """Sample key of an item, used to record a failed row when `process_batch` raises on it."""
+        return str(item)
+
+    def manifest_extra(self) -> dict[str, Any]:
+        """Extra stage-level fields for manifest.json (e.g. the vocabulary)."""
+        return {}
+
+
+def build_config(config_cls: type, values: Mapping[str, Any], node: str) -> Any:
+    """Instantiate a stage's Config dataclass from a node's YAML, rejecting unknown keys and wrong types.
+
+    Nested dataclass fields (e.g. `resources`) are built recursively. `stage` and `inputs` are DAG keys and
+    are skipped.
+    """
+    if not dataclasses.is_dataclass(config_cls):
+        return dict(values)
+    hints = typing.get_type_hints(config_cls)
+    known = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - set(known) - {"stage", "inputs"})
+    if unknown:
+        raise ConfigError(f"{node}: unknown config key(s) {unknown}; valid keys: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        if name not in known:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+            value = build_config(hint, value, f"{node}.{name}")
+        _check_type(value, hint, f"{node}.{name}")
+        kwargs[name] = value
+    return config_cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, key: str) -> None:
+    origin = typing.get_origin(hint) or hint
+    if origin in (int, float, bool, str) and value is not None:
+        allowed = (int, float) if origin is float else (origin,)
+        if not isinstance(value, allowed) or (origin is not bool and isinstance(value, bool) and origin is int):
+            raise ConfigError(f"{key}={value!r}: expected {origin.__name__}")
