@@ -1,0 +1,157 @@
+"""Existing WebDataset shards (plain tar files, local or fsspec URLs) as an input dataset.
+
+Self-contained on purpose (only ``tarfile`` over fsspec): listing streams each tar once and records
+every member's byte offset, so loading one sample is a single ranged read, also on remote stores.
+A sample's key is the member path up to the first dot of its file name (the WebDataset rule); its
+extension is the rest (``"jpg"``, ``"label.png"``).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import fsspec
+import numpy as np
+
+from pipeline.data import labels as label_ids
+from pipeline.data.images import DEFAULT_MAX_PIXELS, read_label_png
+from pipeline.data.listing import list_files
+from pipeline.data.records import (
+    ImageRecord,
+    ItemRef,
+    check_unique_keys,
+    load_image_record,
+    resolve_vocab,
+    sanitize_key,
+)
+
+if TYPE_CHECKING:
+    from pipeline.data.vocab import Vocabulary
+
+MemberSpan = tuple[str, int, int]
+"""``(member name, byte offset of its data in the tar, size in bytes)``."""
+
+
+def split_member_name(member: str) -> tuple[str, str]:
+    """``"dir/abc.label.png"`` -> ``("dir/abc", "label.png")`` (WebDataset key / extension rule)."""
+    folder, base = posixpath.split(member)
+    stem, _, extension = base.partition(".")
+    return posixpath.join(folder, stem) if folder else stem, extension
+
+
+def tar_members(url: str) -> dict[str, dict[str, MemberSpan]]:
+    """Stream one tar and group its regular files by sample key.
+
+    Returns:
+        Key -> extension -> :data:`MemberSpan`, in tar order.
+    """
+    samples: dict[str, dict[str, MemberSpan]] = {}
+    with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            key, extension = split_member_name(member.name)
+            samples.setdefault(key, {})[extension.lower()] = (member.name, member.offset_data, member.size)
+    return samples
+
+
+def read_span(url: str, offset: int, size: int) -> bytes:
+    """Read ``size`` bytes at ``offset`` of ``url`` (a ranged read on remote stores)."""
+    with fsspec.open(url, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
+
+
+@dataclass
+class ShardsAdapter:
+    """Samples of existing WebDataset tar shards.
+
+    ``ItemRef.source`` is ``"<tar url>#<member name>"`` (an identifier, not directly openable: use
+    :meth:`load`); ``extra = (tar url, image span or None, label span or None)``. A sample with no
+    image member is listed anyway and loads as a failed record.
+
+    Attributes:
+        urls: A tar path/URL, a folder (its ``*.tar`` files), a glob pattern, or a list of tar paths/URLs.
+        vocab: Vocabulary name/path or object (required); labels are read as its train ids.
+        name: Dataset name for ``meta["dataset"]`` (keys are the shards' own keys, sanitised).
+        image_extensions: Member extensions taken as the image, first match wins.
+        label_extensions: Member extensions taken as the label map, first match wins.
+        with_labels: Load label members; False ignores them.
+        max_pixels: Largest accepted image size (pixels).
+    """
+
+    urls: str | list[str] | tuple[str, ...]
+    vocab: str | Vocabulary | None = None
+    name: str = "shards"
+    image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    label_extensions: tuple[str, ...] = ("label.png", "seg.png")
+    with_labels: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        self.vocab = resolve_vocab(self.vocab, None, "shards")
+        self.image_extensions = tuple(self.image_extensions)
+        self.label_extensions = tuple(self.label_extensions)
+
+    def tar_urls(self) -> list[str]:
+        """The shard files, sorted.
+
+        Raises:
+            FileNotFoundError: When nothing matches.
+        """
+        if not isinstance(self.urls, str):
+            return sorted(self.urls)
+        if any(char in self.urls for char in "*?["):
+            fs, _ = fsspec.core.url_to_fs(self.urls)
+            found = sorted(fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
+                           for path in fs.glob(self.urls))
+        elif self.urls.endswith(".tar"):
+            found = [self.urls]
+        else:
+            found = list(list_files(self.urls, (".tar",), recursive=False).values())
+        if not found:
+            raise FileNotFoundError(f"shards: no tar files at {self.urls}")
+        return found
+
+    def _pick(self, extensions: dict[str, MemberSpan], wanted: tuple[str, ...]) -> MemberSpan | None:
+        return next((extensions[ext] for ext in wanted if ext in extensions), None)
+
+    def list_items(self) -> list[ItemRef]:
+        """All samples of all shards, sorted by key (each tar is streamed once; nothing is decoded)."""
+        refs = []
+        for url in self.tar_urls():
+            for key, extensions in tar_members(url).items():
+                image = self._pick(extensions, self.image_extensions)
+                label = self._pick(extensions, self.label_extensions) if self.with_labels else None
+                source = f"{url}#{image[0] if image else key + '.<no image member>'}"
+                label_source = f"{url}#{label[0]}" if label else None
+                refs.append(ItemRef(sanitize_key(key), source, label_source, (url, image, label)))
+        refs.sort(key=lambda ref: ref.key)
+        check_unique_keys(refs)
+        return refs
+
+    def decode_label(self, data: bytes) -> tuple[np.ndarray, list[str]]:
+        """Label member bytes (train ids already) -> ``(HxW train ids, notes)``; out-of-range values -> ignore."""
+        raw = read_label_png(data, self.max_pixels)
+        ids = label_ids.identity_train_ids(raw, self.vocab.num_classes, self.vocab.ignore_index, self.vocab.label_dtype)
+        return ids, []
+
+    def load(self, ref: ItemRef) -> ImageRecord:
+        """Read the sample's members by offset and decode them; never raises on bad data."""
+        url, image, label = ref.extra
+        spans = {f"{url}#{span[0]}": span for span in (image, label) if span is not None}
+
+        def read(source: str) -> bytes:
+            if source not in spans:
+                raise FileNotFoundError(source)
+            _, offset, size = spans[source]
+            return read_span(url, offset, size)
+
+        decoder = self.decode_label if self.with_labels and label is not None else None
+        record = load_image_record(ref, self.name, decoder, self.max_pixels, read=read)
+        if record.error and record.error.startswith("file not found") and image is None:
+            record.error = f"no image member ({'/'.join(self.image_extensions)}) for sample in {url}"
+        return record
