@@ -157,6 +157,8 @@ def compute_metrics(
     num_classes = matrix.shape[0]
     if matrix.shape != (num_classes, num_classes) or len(names) != num_classes:
         raise ValueError(f"need a square matrix with one name per class; got {matrix.shape} and {len(names)} names")
+    if len(set(names)) != len(names):
+        raise ValueError("class names must be unique (per-class results are keyed by name)")
     if miou_denominator not in MIOU_DENOMINATORS:
         raise ValueError(f"miou_denominator must be one of {MIOU_DENOMINATORS}, got {miou_denominator!r}")
     tp = np.diag(matrix).astype(np.float64)

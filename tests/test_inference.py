@@ -55,12 +55,12 @@ def test_count_map_covers_every_pixel_with_overlap_counted_twice() -> None:
 def test_slide_equals_whole_for_translation_equivariant_model() -> None:
     conv = _pointwise(num_classes=6)
     image = _image()
-    whole = predict_scores(image, conv, Protocol(mode="whole"), 6)
-    slide = predict_scores(image, conv, Protocol(mode="slide", crop=256, stride=170), 6)
+    whole_protocol = Protocol(short_side=256, mode="whole")
+    slide_protocol = Protocol(short_side=256, mode="slide", crop=128, stride=85)
+    whole = predict_scores(image, conv, whole_protocol, 6)
+    slide = predict_scores(image, conv, slide_protocol, 6)
     torch.testing.assert_close(slide, whole, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(
-        predict(image, conv, Protocol(mode="slide", crop=256, stride=170), 6), predict(image, conv, Protocol(), 6)
-    )
+    np.testing.assert_array_equal(predict(image, conv, slide_protocol, 6), predict(image, conv, whole_protocol, 6))
 
 
 def test_slide_differs_from_whole_for_position_dependent_model() -> None:
@@ -158,3 +158,26 @@ def test_invalid_protocol_values_are_rejected() -> None:
         Protocol(mode="tiles")
     with pytest.raises(ValueError, match="stride"):
         Protocol(crop=256, stride=300)
+
+
+def test_one_hot_gt_model_recovers_camvid_labels_through_the_resize_chain(shared_data: Path) -> None:
+    from PIL import Image
+
+    from pipeline.metrics import ConfusionMatrix, compute_metrics
+
+    name = "0016E5_07959.png"
+    image = np.array(Image.open(shared_data / "camvid" / "val" / name).convert("RGB"))
+    gt = np.array(Image.open(shared_data / "camvid" / "valannot" / name)).astype(np.int64)
+    gt[gt == 11] = 255
+
+    def oracle(pixels: torch.Tensor) -> torch.Tensor:  # one-hot GT at the model's input size (nearest)
+        label = torch.from_numpy(np.where(gt == 255, 0, gt))[None, None].float()
+        label = F.interpolate(label, size=pixels.shape[-2:], mode="nearest")[0, 0].long()
+        return F.one_hot(label, 11).permute(2, 0, 1)[None].float() * 10.0
+
+    cm = ConfusionMatrix(11)
+    for protocol in (load_protocol("ifseg"), load_protocol("zsseg")):  # whole-image: the oracle sees it all
+        pred = predict(image, oracle, protocol, 11)
+        assert pred.shape == gt.shape
+        cm.update(pred, gt)
+    assert compute_metrics(cm, [str(i) for i in range(11)])["pAcc"] > 98.0
