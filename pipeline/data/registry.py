@@ -10,6 +10,7 @@ from pipeline.data.coco import COCOAdapter
 from pipeline.data.folder import FolderAdapter
 from pipeline.data.records import Adapter
 from pipeline.data.semseg import ADE20KAdapter, CamVidAdapter, CityscapesAdapter, COCOStuffAdapter, VOCAdapter
+from pipeline.data.toyworld import ToyWorldAdapter
 from pipeline.data.wds import ShardsAdapter
 
 ADAPTERS: dict[str, type] = {
@@ -21,6 +22,7 @@ ADAPTERS: dict[str, type] = {
     "cityscapes": CityscapesAdapter,
     "camvid": CamVidAdapter,
     "shards": ShardsAdapter,
+    "toyworld": ToyWorldAdapter,
 }
 
 
