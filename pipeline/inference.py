@@ -199,4 +199,3 @@ def predict(
     """Predicted class ids at the original resolution: [H, W] int64 (argmax of `predict_scores`)."""
     scores = predict_scores(image, logits_fn, protocol, num_classes, seen_ids, device)
     return scores.argmax(dim=0).cpu().numpy().astype(np.int64)
-
