@@ -1,0 +1,251 @@
+"""open_clip CLIP wrapper: prompt-ensembled text features, CLS embeddings, MaskCLIP dense and sliding features.
+
+`Clip` composes an open_clip model (``Clip.model``) and never subclasses it. Weights come from
+`pipeline.models.checkpoints`: a local path or fsspec URL is loaded by our strict loader (so a wrong architecture
+fails with `CheckpointMismatchError` before any compute); a hub tag goes through open_clip (needs internet);
+``None`` gives random weights drawn under ``init_seed``.
+
+OpenAI weights loaded from a file need ``force_quick_gelu=True`` (or a ``*-quickgelu`` model name): only the
+``openai`` tag switches QuickGELU on by itself, and the mismatch is silent. OpenAI's original TorchScript archives
+cannot be read with ``weights_only=True``; convert them to a plain state dict first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.models import clip_dense, sliding
+from pipeline.models.checkpoints import (
+    is_hub_tag,
+    load_checked,
+    random_init_identity,
+    resolve_weights,
+    seeded_init,
+    weights_identity,
+)
+from pipeline.models.preprocess import CLIP_MEAN, CLIP_STD, to_normalized_tensor
+
+OPEN_CLIP_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "open_clip"
+_registered = False
+
+
+def register_open_clip_configs() -> None:
+    """Register the tiny architectures in ``configs/open_clip/*.json`` (e.g. ``toy-vit``) with open_clip, once."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(OPEN_CLIP_CONFIG_DIR)
+        _registered = True
+
+
+@dataclass
+class ClipConfig:
+    """How to build a `Clip`.
+
+    Attributes:
+        model_name: open_clip architecture (``ViT-B-16``, ``ViT-L-14``, ``toy-vit``, ...).
+        pretrained: hub tag, local path, fsspec URL, or ``None`` for random init.
+        precision: ``fp32``, ``bf16`` or ``fp16`` weights (open_clip's own conversion); outputs are float32.
+        device: torch device string.
+        force_quick_gelu: use QuickGELU (needed for OpenAI weights loaded from a file).
+        init_seed: seed for random init (``pretrained=None``), so random-init builds are reproducible.
+        dense_residual_mlp: MaskCLIP value path with residual + MLP (MaskCLIP code, default) or value projection
+            only (Seifi et al.'s wording); see `pipeline.models.clip_dense`.
+        text_batch_size: prompts per text-encoder call (does not change results).
+        image_batch_size: crops per image-encoder call in `Clip.sliding_dense` (does not change results).
+    """
+
+    model_name: str = "ViT-B-16"
+    pretrained: str | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "cpu"
+    force_quick_gelu: bool = False
+    init_seed: int = 0
+    dense_residual_mlp: bool = True
+    text_batch_size: int = 256
+    image_batch_size: int = 32
+
+
+class Clip:
+    """A frozen open_clip model plus the feature extractors the pipeline needs (all under ``torch.no_grad``)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: ClipConfig, identity: str) -> None:
+        """Wrap an already built open_clip model; use `Clip.build` to construct one from a `ClipConfig`."""
+        import open_clip
+
+        self.model = model.eval()
+        self.cfg = cfg
+        self.identity = identity
+        self.tokenizer = open_clip.get_tokenizer(cfg.model_name)
+        preprocess_cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+        self.mean: tuple[float, ...] = tuple(preprocess_cfg.get("mean", CLIP_MEAN))
+        self.std: tuple[float, ...] = tuple(preprocess_cfg.get("std", CLIP_STD))
+        self._text_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], torch.Tensor] = {}
+
+    @classmethod
+    def build(cls, cfg: ClipConfig) -> Clip:
+        """Build the architecture and load weights (see module docstring).
+
+        Raises:
+            FileNotFoundError: ``cfg.pretrained`` is a path/URL that does not exist (message names the key).
+            CheckpointMismatchError: the file does not fit ``cfg.model_name``.
+        """
+        register_open_clip_configs()
+        ref = cfg.pretrained
+        tag = ref if ref is not None and is_hub_tag(ref) else None
+        if tag is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        local = None if tag else resolve_weights(ref, key="clip.pretrained")
+        import open_clip
+
+        with seeded_init(cfg.init_seed):
+            model = open_clip.create_model(
+                cfg.model_name, pretrained=tag, precision=cfg.precision, device=cfg.device,
+                force_quick_gelu=cfg.force_quick_gelu,
+            )
+        if local is not None:
+            load_checked(model, local, arch=f"open_clip {cfg.model_name}", source="clip.pretrained")
+        weights = weights_identity(ref, key="clip.pretrained") if ref else random_init_identity(cfg.init_seed)
+        quick = "+quickgelu" if cfg.force_quick_gelu else ""
+        return cls(model, cfg, identity=f"open_clip:{cfg.model_name}{quick}@{weights}")
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    @property
+    def image_size(self) -> int:
+        """Native square input side in pixels (e.g. 224 for ViT-B/16)."""
+        return int(self.model.visual.image_size[0])
+
+    @property
+    def patch_size(self) -> int:
+        """ViT patch side in pixels (e.g. 16 for ViT-B/16)."""
+        return int(self.model.visual.patch_size[0])
+
+    @property
+    def embed_dim(self) -> int:
+        """Joint image-text embedding dimension D (512 for ViT-B/16, 768 for ViT-L/14)."""
+        return int(self.model.visual.output_dim)
+
+    @torch.no_grad()
+    def encode_text(self, names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """Prompt-ensembled class embeddings.
+
+        For each template the M prompts ``template.format(name)`` are encoded and L2-normalised; the per-class mean
+        over templates is renormalised. Results are cached per instance by (names, templates): the key includes no
+        identity because one instance has one set of weights.
+
+        Args:
+            names: M class names.
+            templates: T templates with one ``{}`` each (see `pipeline.models.prompts`).
+
+        Returns:
+            float32 [M, D] L2-normalised, on the model's device.
+        """
+        key = (tuple(names), tuple(templates))
+        if key not in self._text_cache:
+            if not names or not templates:
+                raise ValueError("encode_text needs at least one name and one template")
+            prompts = [template.format(name) for template in templates for name in names]
+            feats = torch.cat([self._encode_prompts(prompts[i:i + self.cfg.text_batch_size])
+                               for i in range(0, len(prompts), self.cfg.text_batch_size)])
+            per_template = F.normalize(feats, dim=-1).view(len(templates), len(names), -1)
+            self._text_cache[key] = F.normalize(per_template.mean(dim=0), dim=-1)
+        return self._text_cache[key].clone()
+
+    def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(prompts).to(self.device)
+        return self.model.encode_text(tokens).float()
+
+    def preprocess(self, image: np.ndarray, size: int | tuple[int, int] | None = None,
+                   resize_mode: str = "square") -> torch.Tensor:
+        """HxWx3 uint8 RGB -> [1, 3, H', W'] float32 CLIP-normalised (bicubic resize, see `to_normalized_tensor`).
+
+        ``size=None`` keeps the input size; pass ``self.image_size`` for the model's native square input.
+        """
+        return to_normalized_tensor(image, self.mean, self.std, size=size, resize_mode=resize_mode)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLS embeddings: [B, 3, H, W] CLIP-normalised (sides multiples of the patch) -> float32 [B, D] unit."""
+        clip_dense.check_supported(self.model.visual)
+        cls, _ = clip_dense.visual_forward(self.model.visual, pixels.to(self.device), dense=False)
+        return cls
+
+    @torch.no_grad()
+    def dense_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MaskCLIP patch features and CLS embeddings.
+
+        Args:
+            pixels: [B, 3, H, W] CLIP-normalised, H and W multiples of `patch_size`.
+
+        Returns:
+            (patch float32 [B, D, H/p, W/p], cls float32 [B, D]), both L2-normalised along D.
+        """
+        clip_dense.check_supported(self.model.visual)
+        cls, patch = clip_dense.visual_forward(
+            self.model.visual, pixels.to(self.device), dense=True, residual_mlp=self.cfg.dense_residual_mlp
+        )
+        return patch, cls
+
+    @torch.no_grad()
+    def classify_crops(self, crops: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Zero-shot logits ``100 * cos(image, text)``: crops [B, 3, S, S] normalised, text [M, D] -> [B, M]."""
+        image = self.encode_image(crops)
+        return 100.0 * image @ F.normalize(text.to(image), dim=-1).T
+
+    @torch.no_grad()
+    def sliding_dense(self, image: np.ndarray, crop: int, stride: int, scale: float = 1.0) -> sliding.SlidingFeatures:
+        """High-resolution MaskCLIP features of a whole image from overlapping crops.
+
+        The image is resized by `scale` (bicubic), padded bottom/right with the CLIP mean colour (0 after
+        normalisation) to at least one crop and a multiple of the patch, and cut into `crop` x `crop` windows every
+        `stride` pixels (the last window flush with the border). Each crop runs at its own resolution with
+        interpolated position embeddings, so patches of all crops fall on one global grid with cell side
+        ``patch_size`` (in resized pixels); overlapping features are averaged, then renormalised.
+
+        Args:
+            image: HxWx3 uint8 RGB.
+            crop: window side in resized pixels, a multiple of `patch_size`.
+            stride: window step in resized pixels, a multiple of `patch_size`.
+            scale: resize factor applied first (e.g. 2.0 doubles the feature resolution).
+
+        Returns:
+            `SlidingFeatures`; boxes and strides are in original-image pixels (resized pixels / `scale`, exact up
+            to the rounding of the resized image size).
+        """
+        sliding.check_geometry(crop, stride, self.patch_size)
+        height, width = image.shape[:2]
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        pixels = self.preprocess(image, size=size if scale != 1.0 else None)
+        padded = (sliding.padded_extent(size[0], crop, self.patch_size),
+                  sliding.padded_extent(size[1], crop, self.patch_size))
+        pixels = F.pad(pixels, (0, padded[1] - size[1], 0, padded[0] - size[0]))
+        boxes = sliding.crop_grid(padded, crop, stride)
+        patches, cls = [], []
+        step = self.cfg.image_batch_size
+        for start in range(0, len(boxes), step):
+            batch = torch.cat([pixels[:, :, y0:y1, x0:x1] for x0, y0, x1, y1 in boxes[start:start + step]])
+            patch, crop_cls = self.dense_features(batch)
+            patches.append(patch)
+            cls.append(crop_cls)
+        grid = (-(-size[0] // self.patch_size), -(-size[1] // self.patch_size))
+        features = sliding.assemble(torch.cat(patches), boxes, self.patch_size, grid)
+        return sliding.SlidingFeatures(
+            features=features,
+            crop_cls=torch.cat(cls),
+            crop_boxes=(boxes / scale).astype(np.float32),
+            patch_stride_px=self.patch_size / scale,
+            image_hw=(height, width),
+        )

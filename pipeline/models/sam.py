@@ -1,0 +1,337 @@
+"""segment_anything SAM wrapper: batched image embeddings, batched point prompts, automatic masks, COCO RLE.
+
+`Sam` composes segment_anything's ``Sam`` module (``Sam.model``). Real sizes (``vit_h``/``vit_l``/``vit_b``) are
+built by ``sam_model_registry`` without a checkpoint; ``toy`` is a small model of the same architecture from
+``configs/sam/toy.json`` (256 px input, 64-wide 4-block encoder) for tests and the CPU demo. Weights are then loaded
+by `pipeline.models.checkpoints` (``weights_only=True``, strict keys and shapes, errors naming the architecture).
+
+Coordinates: point prompts are (x, y) continuous pixel coordinates of the original image (SAM's convention);
+masks are bool [H, W] at the original resolution.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pipeline.models.checkpoints import load_checked, random_init_identity, resolve_weights, seeded_init
+from pipeline.models.checkpoints import weights_identity as _weights_identity
+from pipeline.models.preprocess import check_rgb_uint8
+
+TOY_CONFIG = Path(__file__).resolve().parent / "configs" / "sam" / "toy.json"
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class SamConfig:
+    """How to build a `Sam`.
+
+    Attributes:
+        model_type: ``vit_h``, ``vit_l``, ``vit_b`` (real SAM sizes) or ``toy`` (``configs/sam/toy.json``).
+        checkpoint: local path or fsspec URL of a plain state dict (SAM's released ``.pth`` layout), or ``None``
+            for random init.
+        device: torch device string.
+        precision: ``fp32``, or ``bf16``/``fp16`` autocast around the encoder and decoder (weights stay fp32).
+        init_seed: seed for random init, so random-init builds are reproducible.
+        encoder_batch_size: images per image-encoder call in `Sam.embed_images` (does not change results).
+        prompt_batch_size: prompt sets per mask-decoder call in `Sam.decode_points` (does not change results).
+    """
+
+    model_type: Literal["vit_h", "vit_l", "vit_b", "toy"] = "vit_b"
+    checkpoint: str | None = None
+    device: str = "cpu"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    init_seed: int = 0
+    encoder_batch_size: int = 4
+    prompt_batch_size: int = 64
+
+
+@dataclass
+class AmgConfig:
+    """``SamAutomaticMaskGenerator`` knobs, defaults = segment_anything's own defaults.
+
+    ``min_mask_region_area > 0`` removes small holes/islands with OpenCV, which is not installed by default here;
+    it is therefore 0 (also SAM's default) and a positive value fails early with an ImportError naming cv2.
+    ``output_mode`` is always ``coco_rle`` (masks as COCO RLE dicts with ``counts`` as str).
+    """
+
+    points_per_side: int | None = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
+    min_mask_region_area: int = 0
+
+
+@dataclass
+class SamImageEmbeddings:
+    """Image-encoder output for a batch of images.
+
+    Attributes:
+        features: [B, C, h, w] image embeddings (C = 256 and h = w = 64 for real SAM; 64 and 16 for ``toy``).
+        input_sizes: per image, (height, width) after ResizeLongestSide, before padding.
+        original_sizes: per image, (H, W) of the original image.
+    """
+
+    features: torch.Tensor
+    input_sizes: list[tuple[int, int]] = field(default_factory=list)
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+
+def build_toy_sam(config_path: Path = TOY_CONFIG) -> torch.nn.Module:
+    """Small SAM of the real architecture from a JSON config (keys as in ``configs/sam/toy.json``)."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+    from segment_anything.modeling import Sam as SamModule
+
+    cfg = json.loads(Path(config_path).read_text())
+    grid = cfg["img_size"] // cfg["patch_size"]
+    encoder = ImageEncoderViT(
+        depth=cfg["encoder_depth"], embed_dim=cfg["encoder_embed_dim"], img_size=cfg["img_size"], mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg["encoder_num_heads"],
+        patch_size=cfg["patch_size"], qkv_bias=True, use_rel_pos=True,
+        global_attn_indexes=tuple(cfg["encoder_global_attn_indexes"]), window_size=cfg["window_size"],
+        out_chans=cfg["prompt_embed_dim"],
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=cfg["prompt_embed_dim"], image_embedding_size=(grid, grid),
+        input_image_size=(cfg["img_size"], cfg["img_size"]), mask_in_chans=cfg["mask_in_chans"],
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=cfg["decoder_depth"], embedding_dim=cfg["prompt_embed_dim"],
+                                      mlp_dim=cfg["decoder_mlp_dim"], num_heads=cfg["decoder_num_heads"]),
+        transformer_dim=cfg["prompt_embed_dim"], iou_head_depth=cfg["iou_head_depth"],
+        iou_head_hidden_dim=cfg["iou_head_hidden_dim"],
+    )
+    return SamModule(image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=decoder,
+                     pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+
+
+def build_sam_architecture(model_type: str) -> torch.nn.Module:
+    """Randomly initialised SAM of `model_type` (``toy`` or a ``sam_model_registry`` key), in eval mode."""
+    if model_type == "toy":
+        return build_toy_sam().eval()
+    from segment_anything import sam_model_registry
+
+    if model_type not in ("vit_h", "vit_l", "vit_b"):
+        raise ValueError(f"sam.model_type must be one of vit_h, vit_l, vit_b, toy; got {model_type!r}")
+    return sam_model_registry[model_type](checkpoint=None).eval()
+
+
+class Sam:
+    """A frozen SAM with numpy-facing methods over batched torch cores (all under ``torch.no_grad``)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: SamConfig, identity: str) -> None:
+        """Wrap a built segment_anything ``Sam``; use `Sam.build` to construct one from a `SamConfig`."""
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.model = model.eval()
+        self.cfg = cfg
+        self.identity = identity
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+
+    @classmethod
+    def build(cls, cfg: SamConfig) -> Sam:
+        """Build the architecture and load ``cfg.checkpoint`` (strict).
+
+        Raises:
+            FileNotFoundError: the checkpoint path/URL does not exist (message names ``sam.checkpoint``).
+            CheckpointMismatchError: the checkpoint does not fit ``cfg.model_type``.
+        """
+        local = resolve_weights(cfg.checkpoint, key="sam.checkpoint")
+        with seeded_init(cfg.init_seed):
+            model = build_sam_architecture(cfg.model_type)
+        if local is not None:
+            load_checked(model, local, arch=f"sam {cfg.model_type}", source="sam.checkpoint")
+        model.to(cfg.device)
+        weights = (_weights_identity(cfg.checkpoint, key="sam.checkpoint") if cfg.checkpoint
+                   else random_init_identity(cfg.init_seed))
+        return cls(model, cfg, identity=f"sam:{cfg.model_type}@{weights}")
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return self.model.device
+
+    @property
+    def image_size(self) -> int:
+        """Square encoder input side in pixels (1024 for real SAM, 256 for ``toy``)."""
+        return int(self.model.image_encoder.img_size)
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.cfg.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.cfg.precision])
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[np.ndarray]) -> SamImageEmbeddings:
+        """Run the image encoder on a batch of images (ResizeLongestSide, normalise, pad, encode).
+
+        Args:
+            images: HxWx3 uint8 RGB arrays, any sizes.
+
+        Returns:
+            `SamImageEmbeddings` with ``features`` [len(images), C, h, w] float32.
+        """
+        inputs, input_sizes, original_sizes = [], [], []
+        for image in images:
+            check_rgb_uint8(image)
+            resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
+            resized = resized.permute(2, 0, 1).contiguous()[None].float()
+            input_sizes.append((int(resized.shape[-2]), int(resized.shape[-1])))
+            original_sizes.append((int(image.shape[0]), int(image.shape[1])))
+            inputs.append(self.model.preprocess(resized))
+        step = self.cfg.encoder_batch_size
+        feats = []
+        with self._autocast():
+            for start in range(0, len(inputs), step):
+                feats.append(self.model.image_encoder(torch.cat(inputs[start:start + step])).float())
+        return SamImageEmbeddings(torch.cat(feats), input_sizes, original_sizes)
+
+    @torch.no_grad()
+    def decode_points(
+        self,
+        embeddings: SamImageEmbeddings,
+        index: int,
+        prompts: Sequence[np.ndarray],
+        labels: Sequence[np.ndarray] | None = None,
+        multimask: bool = True,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Masks for several point-prompt sets on one already-embedded image, batched through the decoder.
+
+        Prompt sets with fewer points are padded with SAM's "not a point" label (-1), which the prompt encoder
+        embeds as padding, so sets of different sizes share one decoder call.
+
+        Args:
+            embeddings: output of `embed_images`.
+            index: which image of `embeddings`.
+            prompts: Q arrays [P_q, 2] of (x, y) original-image pixel coordinates, all points of a set together.
+            labels: Q arrays [P_q] (1 foreground, 0 background); ``None`` means all foreground.
+            multimask: return SAM's 3 multimask outputs (True) or its single output (False).
+
+        Returns:
+            Q tuples (masks bool [K, H, W], scores float32 [K]) with K = 3 or 1; scores are SAM's predicted IoU.
+        """
+        if not prompts:
+            return []
+        coords, point_labels = _pad_prompts(prompts, labels)
+        coords = self.transform.apply_coords(coords, embeddings.original_sizes[index])
+        coords_t = torch.as_tensor(coords, dtype=torch.float32, device=self.device)
+        labels_t = torch.as_tensor(point_labels, dtype=torch.int64, device=self.device)
+        image_embedding = embeddings.features[index:index + 1].to(self.device)
+        results = []
+        for start in range(0, len(prompts), self.cfg.prompt_batch_size):
+            chunk = slice(start, start + self.cfg.prompt_batch_size)
+            masks, scores = self._decode(image_embedding, coords_t[chunk], labels_t[chunk], multimask,
+                                         embeddings.input_sizes[index], embeddings.original_sizes[index])
+            results.extend((m, s) for m, s in zip(masks, scores, strict=True))
+        return results
+
+    def _decode(self, image_embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, multimask: bool,
+                input_size: tuple[int, int], original_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        with self._autocast():
+            sparse, dense = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+            low_res, iou = self.model.mask_decoder(
+                image_embeddings=image_embedding, image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+            )
+        masks = self.model.postprocess_masks(low_res.float(), input_size, original_size) > self.model.mask_threshold
+        return masks.cpu().numpy(), iou.float().cpu().numpy()
+
+    def predict_points(
+        self,
+        image: np.ndarray,
+        prompts: Sequence[np.ndarray],
+        labels: Sequence[np.ndarray] | None = None,
+        multimask: bool = True,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One image-encoder pass, then all prompt sets through the decoder (see `decode_points`).
+
+        Args:
+            image: HxWx3 uint8 RGB.
+            prompts: Q arrays [P_q, 2] of (x, y) pixel coordinates.
+            labels: Q arrays [P_q] of 1/0 labels, or ``None`` for all foreground.
+            multimask: 3 outputs per set (True) or 1.
+
+        Returns:
+            Q tuples (masks bool [K, H, W], scores float32 [K]).
+        """
+        return self.decode_points(self.embed_images([image]), 0, prompts, labels, multimask)
+
+    def generate(self, image: np.ndarray, amg: AmgConfig | None = None) -> list[dict[str, Any]]:
+        """SAM's automatic mask generator on one image.
+
+        Args:
+            image: HxWx3 uint8 RGB.
+            amg: generator knobs (segment_anything defaults when ``None``).
+
+        Returns:
+            segment_anything's records: ``segmentation`` (COCO RLE dict, ``counts`` str, ``size`` [H, W]), ``area``
+            (pixels), ``bbox`` (XYWH pixels), ``predicted_iou``, ``point_coords`` ([[x, y]]), ``stability_score``,
+            ``crop_box`` (XYWH).
+        """
+        from segment_anything import SamAutomaticMaskGenerator
+
+        amg = amg or AmgConfig()
+        if amg.min_mask_region_area > 0:
+            try:
+                import cv2  # noqa: F401
+            except ImportError as error:
+                raise ImportError("sam.amg.min_mask_region_area > 0 needs opencv (cv2); set it to 0 or install "
+                                  "opencv-python-headless") from error
+        check_rgb_uint8(image)
+        generator = SamAutomaticMaskGenerator(self.model, output_mode="coco_rle", **asdict(amg))
+        with torch.no_grad(), self._autocast():
+            return generator.generate(image)
+
+
+def _pad_prompts(
+    prompts: Sequence[np.ndarray], labels: Sequence[np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stack Q prompt sets into [Q, P_max, 2] float coords and [Q, P_max] int labels, padding with label -1."""
+    longest = max(len(points) for points in prompts)
+    if longest == 0:
+        raise ValueError("every point-prompt set is empty")
+    coords = np.zeros((len(prompts), longest, 2), dtype=np.float64)
+    point_labels = np.full((len(prompts), longest), -1, dtype=np.int64)
+    for q, points in enumerate(prompts):
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        coords[q, : len(points)] = points
+        point_labels[q, : len(points)] = 1 if labels is None else np.asarray(labels[q]).reshape(-1)
+    return coords, point_labels
+
+
+def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO RLE of a bool [H, W] mask: ``{"size": [H, W], "counts": str}`` (pycocotools, column-major)."""
+    from pycocotools import mask as mask_utils
+
+    if mask.ndim != 2:
+        raise ValueError(f"expected a 2-D mask, got shape {mask.shape}")
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
+    """Inverse of `mask_to_rle`: COCO RLE (``counts`` str, bytes or an uncompressed list) -> bool [H, W]."""
+    from pycocotools import mask as mask_utils
+
+    height, width = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, list):  # uncompressed RLE
+        compressed = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    else:
+        compressed = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_utils.decode(compressed).astype(bool)
