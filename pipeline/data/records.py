@@ -135,6 +135,8 @@ def load_image_record(
 
     Returns:
         The record; ``error`` set on any data problem (missing/empty/corrupt file, size mismatch).
+        Labels are never EXIF-rotated (label PNGs carry none; datasets annotate the displayed image), so an
+        image whose EXIF rotation makes it disagree with its label fails with a size message.
     """
     meta: dict[str, Any] = {"source": ref.source, "label_source": ref.label_source, "dataset": dataset, "notes": []}
     try:
