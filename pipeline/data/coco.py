@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +73,9 @@ def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
         rle = {"size": segmentation["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
     else:
         raise ValueError(f"unknown segmentation type {type(segmentation).__name__}")
-    return mask_utils.decode(rle)
+    with warnings.catch_warnings():  # pycocotools 2.0.x trips numpy 2's __array__(copy=) deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle)
 
 
 @dataclass
