@@ -25,9 +25,15 @@ log = logging.getLogger(__name__)
 OnDone = Callable[[ShardDone], None]
 
 
-def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), max(1, size)):
-        yield items[start : start + size]
+def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= max(1, size):
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _process_or_isolate(stage: Stage, loaded: Sequence[Any]) -> list[SampleOutput]:
@@ -48,13 +54,11 @@ def run_shard(stage: Stage, plan: ShardPlan, batch_size: int) -> ShardDone:
     """Process one shard and commit it (tar, sidecar, done-marker). Loading of batch i+1 overlaps batch i."""
     started = time.perf_counter()
     outputs: list[SampleOutput] = []
+    batches = _batches(stage.iter_loaded(plan), batch_size)
     with ThreadPoolExecutor(max_workers=1) as prefetcher:
-        batches = list(_batches(plan.items, batch_size))
-        pending = prefetcher.submit(lambda b: [stage.load(item) for item in b], batches[0]) if batches else None
-        for i in range(len(batches)):
-            loaded = pending.result()
-            if i + 1 < len(batches):
-                pending = prefetcher.submit(lambda b: [stage.load(item) for item in b], batches[i + 1])
+        pending = prefetcher.submit(next, batches, None)
+        while (loaded := pending.result()) is not None:
+            pending = prefetcher.submit(next, batches, None)
             outputs.extend(_process_or_isolate(stage, loaded))
     fs, path = fsspec.core.url_to_fs(stage.context.output_url)
     fingerprint = path.rstrip("/").rsplit("/", 1)[-1]

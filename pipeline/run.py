@@ -232,12 +232,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     preset, overrides = parse_argv(sys.argv[1:] if argv is None else argv)
     try:
         cfg = compose(preset, overrides)
         started = time.perf_counter()
         summaries = run(cfg)
-    except ConfigError as error:
+    except (ConfigError, HydraException, OmegaConfBaseException) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except FailureRatioExceeded as error:

@@ -248,8 +248,9 @@ class StageOutput:
         return int(self.manifest["num_samples"])
 
     def shard_urls(self) -> list[str]:
-        """Full URLs (with protocol) of the complete shards, in order."""
-        return [self.fs.unstrip_protocol(join(self.path, s["name"])) for s in self.manifest["shards"]]
+        """The complete shards, in order: plain paths on local disk, full URLs (with protocol) elsewhere."""
+        paths = [join(self.path, s["name"]) for s in self.manifest["shards"]]
+        return paths if _is_local(self.fs) else [self.fs.unstrip_protocol(p) for p in paths]
 
     def samples(self, shard_urls: list[str] | None = None) -> Iterator[dict[str, Any]]:
         """Raw samples {"__key__": key, "__url__": url, ext: bytes} read with Python's tarfile."""

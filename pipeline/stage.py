@@ -4,8 +4,7 @@ Lifecycle of one stage run (driver, then workers):
 
     driver:  stage = Kind(context); stage.identities(); plans = stage.plan()
     worker:  stage.setup()                                  once per task (CPU) or per actor (model stages)
-             for each batch of a shard's items:
-                 loaded = [stage.load(item) ...]            prefetched in a thread: decoding overlaps compute
+             for each batch of stage.iter_loaded(plan):     prefetched in a thread: decoding overlaps compute
                  outputs = stage.process_batch(loaded)      one SampleOutput per item, failures included
 
 A stage's knobs are the fields of its `Config` dataclass; the node's YAML mirrors them.
@@ -15,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -100,6 +99,11 @@ class Stage:
     def load(self, item: Any) -> Any:
         """Per-item CPU work that can run ahead of `process_batch` (decode); must not raise for bad data."""
         return item
+
+    def iter_loaded(self, plan: ShardPlan) -> Iterator[Any]:
+        """The shard's loaded items in order. Stages that stream an upstream shard override this."""
+        for item in plan.items:
+            yield self.load(item)
 
     def process_batch(self, loaded: Sequence[Any]) -> list[SampleOutput]:
         """Produce one SampleOutput per loaded item, failed ones included."""

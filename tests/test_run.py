@@ -1,0 +1,135 @@
+"""The runner: summaries, up-to-date checks, incremental re-runs, errors before work, exit codes, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import dag
+from pipeline.run import compose, main, run
+from pipeline.shards import open_stage
+from pipeline.stage import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = "+gridstats={stage:gridstats,inputs:{grids:wordgrid}}"
+
+
+@pytest.fixture(autouse=True)
+def probe_stage(monkeypatch):
+    monkeypatch.setitem(dag.STAGES, "gridstats", "stage_fixtures:GridStatsStage")
+
+
+def config(root: Path | str, *overrides: str) -> dict:
+    base = [f"output_root={root}", "executor=local", "wordgrid.num_samples=300", "wordgrid.samples_per_shard=100"]
+    return compose("demo", [*base, *overrides])
+
+
+def snapshot(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_second_run_is_up_to_date_and_rewrites_nothing(tmp_path):
+    first = run(config(tmp_path, PROBE))
+    assert [(s.node, s.status, s.samples, s.shards) for s in first] == [
+        ("wordgrid", "ran", 300, 3), ("gridstats", "ran", 300, 3)]
+    before = snapshot(tmp_path)
+    second = run(config(tmp_path, PROBE))
+    assert [s.status for s in second] == ["up to date", "up to date"]
+    assert snapshot(tmp_path) == before
+
+
+def test_knob_change_reruns_node_and_descendants_into_new_fingerprints(tmp_path):
+    run(config(tmp_path, PROBE))
+    old = {n: open_stage(str(tmp_path / n)).fingerprint for n in ("wordgrid", "gridstats")}
+    changed = run(config(tmp_path, PROBE, "wordgrid.max_grid_size=4"))
+    assert [s.status for s in changed] == ["ran", "ran"]
+    new = {n: open_stage(str(tmp_path / n)).fingerprint for n in ("wordgrid", "gridstats")}
+    assert all(old[n] != new[n] for n in old)
+    assert all((tmp_path / n / old[n] / "manifest.json").exists() for n in old)  # old outputs stay
+    reverted = run(config(tmp_path, PROBE))
+    assert [s.status for s in reverted] == ["up to date", "up to date"]
+    only_descendant = run(config(tmp_path, PROBE, "+gridstats.fail_every=0", "force=[gridstats]"))
+    assert [s.status for s in only_descendant] == ["up to date", "ran"]
+
+
+def test_resources_do_not_change_the_fingerprint(tmp_path):
+    run(config(tmp_path))
+    again = run(config(tmp_path, "wordgrid.resources.batch_size=7", "wordgrid.resources.num_cpus=0.5"))
+    assert again[0].status == "up to date"
+
+
+def test_missing_upstream_fails_before_any_work_naming_the_stage(tmp_path):
+    with pytest.raises(ConfigError, match=r"run it first: stages=\[wordgrid,gridstats\]"):
+        run(config(tmp_path, PROBE, "stages=[gridstats]"))
+    assert not any(tmp_path.iterdir())
+
+
+def test_single_stage_rerun_reads_existing_upstream(tmp_path):
+    run(config(tmp_path, "stages=[wordgrid]"))
+    result = run(config(tmp_path, PROBE, "stages=[gridstats]"))
+    assert [(s.node, s.status) for s in result] == [("gridstats", "ran")]
+
+
+def test_failure_ratio_exit_code_and_failed_rows(tmp_path, capsys):
+    argv = [f"output_root={tmp_path}", "executor=local", "wordgrid.num_samples=100", PROBE,
+            "+gridstats.fail_every=10"]
+    assert main(argv) == 1
+    assert "10 of 100 samples failed" in capsys.readouterr().err
+    assert main([*argv, "max_failure_ratio=0.2"]) == 0  # shards are reused; only the check changes
+    import pyarrow.parquet as pq
+    rows = pq.read_table(next((tmp_path / "gridstats").glob("*/000000.parquet"))).to_pylist()
+    assert sum(r["status"] == "failed" for r in rows) == 10 and rows[0]["error"] == "injected failure"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["wordgrid.max_grid=3"], "max_grid"),
+    (["conf=nope"], "presets"),
+    (["stages=[nope]"], "not nodes"),
+    (["wordgrid.max_grid_size=abc"], "expected int"),
+])
+def test_bad_config_exits_2_with_a_message(tmp_path, capsys, argv, message):
+    assert main([f"output_root={tmp_path}", "executor=local", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "wordgrid").exists()
+
+
+def test_remote_fsspec_root(tmp_path):
+    root = f"memory://runs-{tmp_path.name}"
+    first = run(config(root, PROBE))
+    assert [s.status for s in first] == ["ran", "ran"]
+    assert [s.status for s in run(config(root, PROBE))] == ["up to date", "up to date"]
+    output = open_stage(f"{root}/gridstats")
+    assert sum(1 for _ in output.samples()) == 300
+
+
+def _cli(root: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.run", f"output_root={root}", "executor=local",
+            "wordgrid.num_samples=6000", "wordgrid.samples_per_shard=250", *extra]
+
+
+def test_kill_9_mid_stage_then_resume_is_byte_identical(tmp_path):
+    crashed, clean = tmp_path / "crashed", tmp_path / "clean"
+    process = subprocess.Popen(_cli(crashed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(crashed.glob("wordgrid/*/*.done.json"))) < 3:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = {p.name for p in crashed.glob("wordgrid/*/*.done.json")}
+    assert 3 <= len(finished) < 24, "the kill must land mid-stage"
+    assert not list(crashed.glob("wordgrid/*/manifest.json"))
+    resumed = subprocess.run(_cli(crashed), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{24 - len(finished)} of 24 shards to run" in resumed.stderr
+    subprocess.run(_cli(clean), cwd=REPO, check=True, capture_output=True, timeout=300)
+    a, b = open_stage(str(crashed / "wordgrid")), open_stage(str(clean / "wordgrid"))
+    assert a.fingerprint == b.fingerprint
+    for x, y in zip(a.shard_urls(), b.shard_urls(), strict=True):
+        assert Path(x).read_bytes() == Path(y).read_bytes()
+    assert Path(a.path, "manifest.json").read_bytes() == Path(b.path, "manifest.json").read_bytes()
