@@ -33,17 +33,21 @@ from pipeline.models.checkpoints import (
 )
 from pipeline.models.preprocess import CLIP_MEAN, CLIP_STD, to_normalized_tensor
 
-OPEN_CLIP_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "open_clip"
+OPEN_CLIP_CONFIGS = (Path(__file__).resolve().parent / "configs" / "toy-vit.json",)
 _registered = False
 
 
 def register_open_clip_configs() -> None:
-    """Register the tiny architectures in ``configs/open_clip/*.json`` (e.g. ``toy-vit``) with open_clip, once."""
+    """Register the tiny architectures in `OPEN_CLIP_CONFIGS` (``configs/toy-vit.json``) with open_clip, once.
+
+    open_clip names a registered config after its file stem, so ``model_name="toy-vit"`` works afterwards.
+    """
     global _registered
     if not _registered:
         import open_clip
 
-        open_clip.add_model_config(OPEN_CLIP_CONFIG_DIR)
+        for path in OPEN_CLIP_CONFIGS:
+            open_clip.add_model_config(path)
         _registered = True
 
 

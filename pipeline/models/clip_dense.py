@@ -15,9 +15,10 @@ value projection and the norm. The two differ, hence the knob. Layer scale (``ls
 checkpoints) is applied wherever the block applies it. The CLS output is computed by the unmodified last block, so
 it equals open_clip's ``encode_image``.
 
-Position embeddings are interpolated bicubically (``align_corners=False``, no antialias, as MaskCLIP and open_clip's
-``resize_pos_embed``) when the input grid differs from the model's native grid, so any input whose sides are
-multiples of the patch size works.
+Position embeddings are interpolated bicubically (``align_corners=False``, no antialias, as MaskCLIP's mmseg
+``resize``) when the input grid differs from the model's native grid, so any input whose sides are multiples of the
+patch size works. open_clip's checkpoint ``resize_pos_embed`` defaults to ``antialias=True``, which differs slightly
+(~1e-4) near the grid border even when upsampling.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """DINOv2 (transformers ``Dinov2Model``) wrapper: patch-token features for the FMbSeg alignment module.
 
 Presets mirror the released ``facebook/dinov2-*`` configs (patch 14, image size 518, layer scale 1.0; giant uses a
-SwiGLU FFN); ``toy`` (``configs/dinov2/toy.json``) is a 64-wide 2-layer model for tests. Weights come either from a
+SwiGLU FFN); ``toy`` (``configs/dinov2-toy.json``) is a 64-wide 2-layer model for tests. Weights come either from a
 transformers directory (``save_pretrained`` layout: ``config.json`` + ``model.safetensors``), loaded with
 ``Dinov2Model.from_pretrained(dir, local_files_only=True)`` after checking its config against the preset, or from a
 single state-dict file (``.safetensors``/``.bin``/``.pt``) in transformers key layout, loaded strictly into the
@@ -28,7 +28,7 @@ from pipeline.models.checkpoints import (
 )
 from pipeline.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
 
-TOY_CONFIG = Path(__file__).resolve().parent / "configs" / "dinov2" / "toy.json"
+TOY_CONFIG = Path(__file__).resolve().parent / "configs" / "dinov2-toy.json"
 _COMMON: dict[str, Any] = {"patch_size": 14, "image_size": 518, "mlp_ratio": 4, "layerscale_value": 1.0}
 PRESETS: dict[str, dict[str, Any]] = {
     "dinov2-small": {**_COMMON, "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6},
@@ -58,7 +58,7 @@ class Dinov2Config:
 
 
 def preset_config(name: str) -> Any:
-    """transformers ``Dinov2Config`` of a preset name (``toy`` reads ``configs/dinov2/toy.json``)."""
+    """transformers ``Dinov2Config`` of a preset name (``toy`` reads ``configs/dinov2-toy.json``)."""
     from transformers import Dinov2Config as HfDinov2Config
 
     if name == "toy":

@@ -2,7 +2,7 @@
 
 `Sam` composes segment_anything's ``Sam`` module (``Sam.model``). Real sizes (``vit_h``/``vit_l``/``vit_b``) are
 built by ``sam_model_registry`` without a checkpoint; ``toy`` is a small model of the same architecture from
-``configs/sam/toy.json`` (256 px input, 64-wide 4-block encoder) for tests and the CPU demo. Weights are then loaded
+``configs/sam-toy.json`` (256 px input, 64-wide 4-block encoder) for tests and the CPU demo. Weights are then loaded
 by `pipeline.models.checkpoints` (``weights_only=True``, strict keys and shapes, errors naming the architecture).
 
 Coordinates: point prompts are (x, y) continuous pixel coordinates of the original image (SAM's convention);
@@ -26,7 +26,7 @@ from pipeline.models.checkpoints import load_checked, random_init_identity, reso
 from pipeline.models.checkpoints import weights_identity as _weights_identity
 from pipeline.models.preprocess import check_rgb_uint8
 
-TOY_CONFIG = Path(__file__).resolve().parent / "configs" / "sam" / "toy.json"
+TOY_CONFIG = Path(__file__).resolve().parent / "configs" / "sam-toy.json"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -35,7 +35,7 @@ class SamConfig:
     """How to build a `Sam`.
 
     Attributes:
-        model_type: ``vit_h``, ``vit_l``, ``vit_b`` (real SAM sizes) or ``toy`` (``configs/sam/toy.json``).
+        model_type: ``vit_h``, ``vit_l``, ``vit_b`` (real SAM sizes) or ``toy`` (``configs/sam-toy.json``).
         checkpoint: local path or fsspec URL of a plain state dict (SAM's released ``.pth`` layout), or ``None``
             for random init.
         device: torch device string.
@@ -92,7 +92,7 @@ class SamImageEmbeddings:
 
 
 def build_toy_sam(config_path: Path = TOY_CONFIG) -> torch.nn.Module:
-    """Small SAM of the real architecture from a JSON config (keys as in ``configs/sam/toy.json``)."""
+    """Small SAM of the real architecture from a JSON config (keys as in ``configs/sam-toy.json``)."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
     from segment_anything.modeling import Sam as SamModule
 
@@ -212,32 +212,40 @@ class Sam:
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Masks for several point-prompt sets on one already-embedded image, batched through the decoder.
 
-        Prompt sets with fewer points are padded with SAM's "not a point" label (-1), which the prompt encoder
-        embeds as padding, so sets of different sizes share one decoder call.
+        Sets with the same number of points share decoder calls (up to ``prompt_batch_size`` sets each). Sets are
+        never padded to a common size: SAM's padding token takes part in the decoder's attention, so padding would
+        change the masks relative to prompting each set alone.
 
         Args:
             embeddings: output of `embed_images`.
             index: which image of `embeddings`.
-            prompts: Q arrays [P_q, 2] of (x, y) original-image pixel coordinates, all points of a set together.
+            prompts: Q arrays [P_q, 2] (P_q >= 1) of (x, y) original-image pixel coordinates; the points of a set
+                are given to SAM together.
             labels: Q arrays [P_q] (1 foreground, 0 background); ``None`` means all foreground.
             multimask: return SAM's 3 multimask outputs (True) or its single output (False).
 
         Returns:
-            Q tuples (masks bool [K, H, W], scores float32 [K]) with K = 3 or 1; scores are SAM's predicted IoU.
+            Q tuples (masks bool [K, H, W], scores float32 [K]) in prompt order, K = 3 or 1; scores are SAM's
+            predicted IoU.
         """
-        if not prompts:
-            return []
-        coords, point_labels = _pad_prompts(prompts, labels)
-        coords = self.transform.apply_coords(coords, embeddings.original_sizes[index])
-        coords_t = torch.as_tensor(coords, dtype=torch.float32, device=self.device)
-        labels_t = torch.as_tensor(point_labels, dtype=torch.int64, device=self.device)
+        points = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in prompts]
+        point_labels = [np.ones(len(p), np.int64) if labels is None else np.asarray(labels[q], np.int64).reshape(-1)
+                        for q, p in enumerate(points)]
+        if any(len(p) == 0 or len(p) != len(lab) for p, lab in zip(points, point_labels, strict=True)):
+            raise ValueError("every point-prompt set needs >= 1 point and one label per point")
         image_embedding = embeddings.features[index:index + 1].to(self.device)
-        results = []
-        for start in range(0, len(prompts), self.cfg.prompt_batch_size):
-            chunk = slice(start, start + self.cfg.prompt_batch_size)
-            masks, scores = self._decode(image_embedding, coords_t[chunk], labels_t[chunk], multimask,
-                                         embeddings.input_sizes[index], embeddings.original_sizes[index])
-            results.extend((m, s) for m, s in zip(masks, scores, strict=True))
+        sizes = (embeddings.input_sizes[index], embeddings.original_sizes[index])
+        results: list[tuple[np.ndarray, np.ndarray]] = [(np.empty(0), np.empty(0))] * len(points)
+        for count in sorted({len(p) for p in points}):
+            members = [q for q, p in enumerate(points) if len(p) == count]
+            for start in range(0, len(members), self.cfg.prompt_batch_size):
+                chunk = members[start:start + self.cfg.prompt_batch_size]
+                coords = self.transform.apply_coords(np.stack([points[q] for q in chunk]), sizes[1])
+                coords_t = torch.as_tensor(coords, dtype=torch.float32, device=self.device)
+                labels_t = torch.as_tensor(np.stack([point_labels[q] for q in chunk]), device=self.device)
+                masks, scores = self._decode(image_embedding, coords_t, labels_t, multimask, *sizes)
+                for q, mask, score in zip(chunk, masks, scores, strict=True):
+                    results[q] = (mask, score)
         return results
 
     def _decode(self, image_embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, multimask: bool,
@@ -296,22 +304,6 @@ class Sam:
         generator = SamAutomaticMaskGenerator(self.model, output_mode="coco_rle", **asdict(amg))
         with torch.no_grad(), self._autocast():
             return generator.generate(image)
-
-
-def _pad_prompts(
-    prompts: Sequence[np.ndarray], labels: Sequence[np.ndarray] | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Stack Q prompt sets into [Q, P_max, 2] float coords and [Q, P_max] int labels, padding with label -1."""
-    longest = max(len(points) for points in prompts)
-    if longest == 0:
-        raise ValueError("every point-prompt set is empty")
-    coords = np.zeros((len(prompts), longest, 2), dtype=np.float64)
-    point_labels = np.full((len(prompts), longest), -1, dtype=np.int64)
-    for q, points in enumerate(prompts):
-        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        coords[q, : len(points)] = points
-        point_labels[q, : len(points)] = 1 if labels is None else np.asarray(labels[q]).reshape(-1)
-    return coords, point_labels
 
 
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
