@@ -62,7 +62,8 @@ def run_shard(stage: Stage, plan: ShardPlan, batch_size: int) -> ShardDone:
             outputs.extend(_process_or_isolate(stage, loaded))
     fs, path = fsspec.core.url_to_fs(stage.context.output_url)
     fingerprint = path.rstrip("/").rsplit("/", 1)[-1]
-    return commit_shard(fs, path, plan.index, outputs, fingerprint, seconds=time.perf_counter() - started)
+    return commit_shard(fs, path, plan.index, outputs, fingerprint, seconds=time.perf_counter() - started,
+                        extra=stage.end_shard())
 
 
 def _progress(node: str, total: int, samples: int) -> tqdm:

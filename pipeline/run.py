@@ -132,6 +132,24 @@ def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
     context = StageContext(node=node.name, seed=int(cfg["seed"]), config=node.config, upstream=upstream,
                            output_url=fs.unstrip_protocol(out_path))
     stage = stage_cls(context)
+    if not stage.sharded:
+        extra = stage.run_unsharded()
+        summary = NodeSummary(node.name, "ran", int(extra.get("num_samples", 0)), 0, 0, time.perf_counter() - started)
+        manifest = {**_manifest(node, stage, fingerprint, fingerprints, []), **extra}
+    else:
+        shards = _run_shards(stage, node, fs, out_path, fingerprint, forced, executor_kind)
+        summary = NodeSummary(node.name, "ran", sum(d.count for d in shards), sum(d.failed for d in shards),
+                              len(shards), time.perf_counter() - started)
+        _check_failure_ratio(summary, float(cfg.get("max_failure_ratio", 0.0)))
+        manifest = {**_manifest(node, stage, fingerprint, fingerprints, shards), **stage.finalize(shards)}
+    write_stage_index(fs, out_path, manifest, shards if stage.sharded else [])
+    write_pointer(fs, join(root_path, node.name), fingerprint)
+    return summary
+
+
+def _run_shards(stage: Stage, node: dag.Node, fs: fsspec.AbstractFileSystem, out_path: str, fingerprint: str,
+                forced: bool, executor_kind: str) -> list[ShardDone]:
+    """Run the shards without a valid done-marker; return every shard's marker in plan order."""
     plans = stage.plan()
     done: dict[int, ShardDone] = {}
     if not forced:
@@ -143,16 +161,9 @@ def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
     resources = build_config(Resources, node.config.get("resources") or {}, f"{node.name}.resources")
     if todo:
         log.info("%s: %d of %d shards to run (%d already done)", node.name, len(todo), len(plans), len(done))
-        make_executor(executor_kind).run(stage_cls, context, todo, resources,
+        make_executor(executor_kind).run(type(stage), stage.context, todo, resources,
                                          lambda d: done.__setitem__(int(d.shard), d))
-    shards = [done[plan.index] for plan in plans]
-    summary = NodeSummary(node.name, "ran", sum(d.count for d in shards), sum(d.failed for d in shards),
-                          len(shards), time.perf_counter() - started)
-    _check_failure_ratio(summary, float(cfg.get("max_failure_ratio", 0.0)))
-    manifest = _manifest(node, stage, fingerprint, fingerprints, shards)
-    write_stage_index(fs, out_path, manifest, shards)
-    write_pointer(fs, join(root_path, node.name), fingerprint)
-    return summary
+    return [done[plan.index] for plan in plans]
 
 
 def _check_failure_ratio(summary: NodeSummary, max_ratio: float) -> None:

@@ -168,7 +168,7 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def commit_shard(
     fs: fsspec.AbstractFileSystem, stage_dir: str, index: int, samples: list[SampleOutput], fingerprint: str,
-    seconds: float = 0.0,
+    seconds: float = 0.0, extra: dict[str, Any] | None = None,
 ) -> ShardDone:
     """Write tar, sidecar and, last, the done-marker of shard `index` under `stage_dir`."""
     name = shard_name(index)
@@ -178,6 +178,7 @@ def commit_shard(
     done = ShardDone(
         shard=name, count=sum(s.ok for s in samples), failed=sum(not s.ok for s in samples),
         sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), fingerprint=fingerprint, seconds=seconds,
+        extra=extra or {},
     )
     write_atomic(fs, join(stage_dir, f"{name}.done.json"), json.dumps(asdict(done), indent=1).encode())
     return done

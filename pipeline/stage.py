@@ -7,6 +7,14 @@ Lifecycle of one stage run (driver, then workers):
              for each batch of stage.iter_loaded(plan):     prefetched in a thread: decoding overlaps compute
                  outputs = stage.process_batch(loaded)      one SampleOutput per item, failures included
 
+    driver:  extra = stage.finalize(done_markers)            aggregate (e.g. metrics), write stage-level files
+
+`stage.end_shard()` is called after each shard; what it returns is stored in that shard's done-marker
+(`extra`), so per-shard aggregates (partial confusion matrices, counters) survive a crash with the shard.
+
+Unsharded stages (`sharded = False`, e.g. the Ray Train trainer) implement `run_unsharded()` instead of
+`plan`/`process_batch`; the runner calls it on the driver, and it must resume by itself after a crash.
+
 A stage's knobs are the fields of its `Config` dataclass; the node's YAML mirrors them.
 """
 
@@ -79,6 +87,7 @@ class Stage:
     schema: ClassVar[str] = ""
     input_ports: ClassVar[tuple[str, ...]] = ()
     uses_models: ClassVar[bool] = False
+    sharded: ClassVar[bool] = True
     Config: ClassVar[type] = object
 
     def __init__(self, context: StageContext) -> None:
@@ -112,6 +121,21 @@ class Stage:
     def item_key(self, item: Any) -> str:
         """Sample key of an item, used to record a failed row when `process_batch` raises on it."""
         return str(item)
+
+    def end_shard(self) -> dict[str, Any]:
+        """JSON-safe per-shard aggregate stored in the shard's done-marker; reset whatever it reports."""
+        return {}
+
+    def finalize(self, done: list[Any]) -> dict[str, Any]:
+        """Driver side, after all shards: aggregate the done-markers' `extra`, write stage-level files.
+
+        Returns extra manifest fields.
+        """
+        return {}
+
+    def run_unsharded(self) -> dict[str, Any]:
+        """The whole work of an unsharded stage, writing under `context.output_url`; returns manifest fields."""
+        raise NotImplementedError
 
     def manifest_extra(self) -> dict[str, Any]:
         """Extra stage-level fields for manifest.json (e.g. the vocabulary)."""
