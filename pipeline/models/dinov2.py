@@ -4,8 +4,10 @@ Presets mirror the released ``facebook/dinov2-*`` configs (patch 14, image size 
 SwiGLU FFN); ``toy`` (``configs/dinov2-toy.json``) is a 64-wide 2-layer model for tests. Weights come either from a
 transformers directory (``save_pretrained`` layout: ``config.json`` + ``model.safetensors``), loaded with
 ``Dinov2Model.from_pretrained(dir, local_files_only=True)`` after checking its config against the preset, or from a
-single state-dict file (``.safetensors``/``.bin``/``.pt``) in transformers key layout, loaded strictly into the
-preset architecture.
+single state-dict file (``.safetensors``/``.bin``/``.pt``) in transformers key layout (e.g. the ``model.safetensors``
+of such a directory), loaded with ``from_pretrained(None, config=preset, state_dict=...)``. Any missing, unexpected
+or mismatched key is an error. The official ``facebookresearch/dinov2`` ``.pth`` files use other key names and need
+converting first.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from pipeline.models.checkpoints import (
     CheckpointMismatchError,
-    load_checked,
+    load_state_dict,
     random_init_identity,
     resolve_weights,
     seeded_init,
@@ -84,6 +86,30 @@ def _check_dir_config(directory: Path, expected: Any, name: str) -> None:
             )
 
 
+def _load_pretrained(path: Path, expected: Any, name: str) -> torch.nn.Module:
+    """Load a transformers directory or state-dict file through ``from_pretrained`` (which maps legacy key names).
+
+    transformers only warns about missing/unexpected/mismatched keys and initialises missing weights randomly;
+    here any such key is an error.
+    """
+    from transformers import Dinov2Model
+
+    if path.is_dir():
+        _check_dir_config(path, expected, name)
+        model, info = Dinov2Model.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    else:
+        model, info = Dinov2Model.from_pretrained(
+            None, config=expected, state_dict=load_state_dict(path), output_loading_info=True
+        )
+    problems = [f"{kind}: {sorted(map(str, info[kind]))[:5]}" for kind in ("missing_keys", "unexpected_keys",
+                                                                          "mismatched_keys") if info.get(kind)]
+    if problems:
+        raise CheckpointMismatchError(
+            f"dinov2.weights ({path}) does not match the expected architecture dinov2 {name}: " + "; ".join(problems)
+        )
+    return model
+
+
 class Dinov2:
     """A frozen DINOv2 backbone returning patch-token grids (CLS and register tokens dropped)."""
 
@@ -104,18 +130,15 @@ class Dinov2:
             FileNotFoundError: the weights path/URL does not exist (message names ``dinov2.weights``).
             CheckpointMismatchError: the weights do not fit the preset ``cfg.name``.
         """
-        from transformers import Dinov2Model
-
         expected = preset_config(cfg.name)
         local = resolve_weights(cfg.weights, key="dinov2.weights")
-        if local is not None and Path(local).is_dir():
-            _check_dir_config(Path(local), expected, cfg.name)
-            model = Dinov2Model.from_pretrained(local, local_files_only=True)
-        else:
+        if local is None:
+            from transformers import Dinov2Model
+
             with seeded_init(cfg.init_seed):
                 model = Dinov2Model(expected)
-            if local is not None:
-                load_checked(model, local, arch=f"dinov2 {cfg.name}", source="dinov2.weights")
+        else:
+            model = _load_pretrained(Path(local), expected, cfg.name)
         model.to(cfg.device)
         weights = (weights_identity(cfg.weights, key="dinov2.weights") if cfg.weights
                    else random_init_identity(cfg.init_seed))
