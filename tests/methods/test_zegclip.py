@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,6 +21,15 @@ TINY_CLIP = {  # real open_clip architecture, tiny sizes: 32 px, patch 8 -> 4x4 
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 TINY_CFG = {"num_prompts": 3, "decoder_heads": 4, "decoder_ffn_dim": 64}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on shared CPUs (20x faster here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +293,16 @@ def test_tiny_overfit_on_coloured_squares(clip_model: torch.nn.Module) -> None:
     assert initial_accuracy.item() < 0.5  # this seed starts with the colours mapped to the wrong classes
     assert accuracy.item() > 0.95
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_learnable_parameters_match_release_count_on_vit_b16() -> None:
+    """ViT-B/16, 10 prompts: the release reports 13.8M learnable parameters, which include the never-executed
+    self-attention of its 3 nn.TransformerDecoderLayers (3 x 1,050,624); without them 10,666,240 remain."""
+    open_clip = pytest.importorskip("open_clip")
+    clip = open_clip.create_model("ViT-B-16", pretrained=None)
+    method = ZegCLIPMethod(ZegCLIPConfig(num_prompts=10), clip, torch.randn(20, 512), range(15), range(15, 20))
+    model = method.build_model()
+    learnable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    unused_self_attention = 3 * (4 * 512 * 512 + 4 * 512)
+    assert learnable == 10_666_240
+    assert round((learnable + unused_self_attention) / 1e6, 1) == 13.8
