@@ -1,0 +1,236 @@
+"""Selftrain stage: the three pseudo-label policies, the threshold, the evaluation-split guard, sample files, e2e."""
+
+from __future__ import annotations
+
+import io
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+from selftrain_fixtures import FixedLogitsPredictor
+
+from pipeline import dag
+from pipeline.data.records import ImageRecord
+from pipeline.data.toyworld import ToyWorldAdapter
+from pipeline.stage import ConfigError, StageContext
+from stages import selftrain
+from stages.selftrain import SelfTrainStage
+from stages.selftrain_policies import (
+    is_eval_split,
+    policy_all_pixels,
+    policy_maskclip_plus,
+    policy_zsseg_st,
+    restricted_argmax,
+)
+
+I = 255  # noqa: E741 - ignore, short so the expected maps read as grids
+SEEN, UNSEEN = (0, 1), (2, 3)
+GT = np.array([[0, 2, I], [3, 1, I]], dtype=np.uint8)
+# scores[c, y, x]: per pixel, the overall winner is sometimes seen; among unseen the winner varies.
+SCORES = np.array([
+    [[0.70, 0.10, 0.10], [0.05, 0.30, 0.60]],   # class 0 (seen)
+    [[0.10, 0.50, 0.10], [0.05, 0.40, 0.10]],   # class 1 (seen)
+    [[0.15, 0.15, 0.20], [0.50, 0.20, 0.05]],   # class 2 (unseen)
+    [[0.05, 0.25, 0.60], [0.40, 0.10, 0.25]],   # class 3 (unseen)
+], dtype=np.float32)
+
+
+def test_restricted_argmax_picks_among_candidates_and_breaks_ties_to_the_lowest_id():
+    winner, score = restricted_argmax(SCORES, [3, 2])
+    assert winner.tolist() == [[2, 3, 3], [2, 2, 3]]
+    np.testing.assert_allclose(score, [[0.15, 0.25, 0.60], [0.50, 0.20, 0.25]])
+    tie = np.full((3, 1, 1), 0.5, dtype=np.float32)
+    assert restricted_argmax(tie, [2, 1])[0].tolist() == [[1]]
+
+
+def test_maskclip_plus_labels_only_unseen_gt_pixels():
+    label = policy_maskclip_plus(SCORES, GT, SEEN, UNSEEN)
+    assert label.dtype == np.uint8
+    assert label.tolist() == [[0, 3, I], [2, 1, I]]  # GT 255 stays ignore even where unseen class 3 wins
+
+
+def test_zsseg_st_labels_every_pixel_not_covered_by_seen_gt():
+    assert policy_zsseg_st(SCORES, GT, SEEN, UNSEEN).tolist() == [[0, 3, 3], [2, 1, 3]]
+
+
+def test_all_pixels_is_the_plain_argmax_and_never_needs_gt():
+    label = policy_all_pixels(SCORES)
+    assert label.tolist() == [[0, 1, 3], [2, 1, 0]]
+    assert policy_all_pixels(SCORES, dtype=np.uint16, ignore_index=65535, threshold=0.55).tolist() == [
+        [0, 65535, 3], [65535, 65535, 0]]
+
+
+def test_threshold_rejects_low_winning_scores_without_renormalising():
+    # unseen winners of the pseudo-labelled pixels: (0,1) 0.25, (0,2) 0.60, (1,0) 0.50, (1,2) 0.25.
+    # Renormalised over {2, 3}, (0,1) would be 0.25 / 0.40 = 0.625 and pass 0.3; as given it is rejected.
+    assert policy_zsseg_st(SCORES, GT, SEEN, UNSEEN, threshold=0.3).tolist() == [[0, I, 3], [2, 1, I]]
+    assert policy_maskclip_plus(SCORES, GT, SEEN, UNSEEN, threshold=0.5).tolist() == [[0, I, I], [2, 1, I]]
+    assert policy_zsseg_st(SCORES, GT, SEEN, UNSEEN, threshold=0.0).tolist() == [[0, 3, 3], [2, 1, 3]]
+
+
+def test_zsseg_st_equals_zsseg_pseudo_evaluator_formula_on_random_scores():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 20, 30)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
+    gt = rng.choice([0, 1, 2, 3, 4, 5, 255], size=(20, 30)).astype(np.uint8)
+    seen, unseen = (0, 2, 4), (1, 3, 5)
+    # GeneralizedPseudoSemSegEvaluator: prob * (1 - trainable_flag), argmax, reject, then seen GT written over.
+    flag = np.isin(np.arange(6), seen).astype(np.float32)[:, None, None]
+    pseudo = probs * (1 - flag)
+    expected = pseudo.argmax(0).astype(np.uint8)
+    expected[pseudo.max(0) < 0.3] = 255
+    expected[np.isin(gt, seen)] = gt[np.isin(gt, seen)]
+    np.testing.assert_array_equal(policy_zsseg_st(probs, gt, seen, unseen, threshold=0.3), expected)
+
+
+@pytest.mark.parametrize("split, expected", [
+    ("val", True), ("Validation", True), ("test", True), ("val2017", True), ("test-2017", True),
+    ("train", False), ("train2017", False), ("trainaug", False), (None, False),
+])
+def test_is_eval_split(split, expected):
+    assert is_eval_split(split) is expected
+
+
+def test_is_eval_split_custom_list():
+    assert is_eval_split("holdout", ["holdout"]) and not is_eval_split("val", [])
+
+
+def make_stage(**config) -> SelfTrainStage:
+    config = {"vocab": "toy", "data": {"kind": "toyworld", "split": "train", "num_images": 2, "size": 32},
+              "protocol_overrides": {"short_side": 32}, **config}
+    upstream = {"model": SimpleNamespace(fingerprint="fp-model", manifest={"node": "train_ifseg"})}
+    return SelfTrainStage(StageContext(node="selftrain", seed=0, config=config, upstream=upstream))
+
+
+@pytest.mark.parametrize("policy", ["maskclip_plus", "zsseg_st"])
+def test_gt_policies_refuse_an_evaluation_split_before_any_work(policy):
+    with pytest.raises(ConfigError, match=r"selftrain.data.split='val' is an evaluation split.*issue #18"):
+        make_stage(policy=policy, data={"kind": "toyworld", "split": "val"})
+    with pytest.raises(ConfigError, match="evaluation split"):  # the kind's default split (coco_stuff: val)
+        make_stage(vocab="coco_stuff_171", policy=policy, data={"kind": "coco_stuff", "root": "/nonexistent"})
+    with pytest.raises(ConfigError, match="evaluation split"):
+        make_stage(policy=policy, data={"kind": "toyworld", "split": "train"}, eval_splits=["train"])
+
+
+def test_all_pixels_may_run_on_an_evaluation_split_but_writes_no_gt(monkeypatch):
+    stage = make_stage(policy="all_pixels", data={"kind": "toyworld", "split": "val", "num_images": 1, "size": 32})
+    outputs = run_stage(monkeypatch, stage, [0.0] * 12)
+    assert outputs[0].ok and "gt.png" not in outputs[0].files
+    assert "quality" in stage.end_shard()  # label quality is still measured (a report, not training data)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"policy": "st"}, "choose one of"),
+    ({"vocab": "camvid_11", "policy": "zsseg_st"}, "no `unseen:` list"),
+    ({"protocol_overrides": {"knn_postprocess": True}}, "set selftrain.knn instead"),
+    ({"protocol": "nope"}, "presets"),
+    ({"threshold": 1.5}, r"in \[0, 1\]"),
+    ({"image_format": "webp"}, "image_format"),
+    ({"bogus": 1}, "unknown config key"),
+])
+def test_bad_knobs_fail_with_the_key(config, message):
+    with pytest.raises(ConfigError, match=message):
+        make_stage(**config)
+
+
+def run_stage(monkeypatch, stage: SelfTrainStage, logits: list[float]) -> list:
+    predictor = FixedLogitsPredictor(logits)
+    monkeypatch.setattr(selftrain, "load_predictor", lambda output, vocab, device, knn: predictor)
+    stage.setup()
+    records = [stage.load(ref) for ref in stage.plan()[0].items]
+    return stage.process_batch(records)
+
+
+TOY_LOGITS = [0.0, 0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 1.0, 0.0]  # water wins overall, dog among unseen
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_process_batch_writes_schema_files_with_policy_labels_and_quality(monkeypatch):
+    stage = make_stage(policy="maskclip_plus")
+    outputs = run_stage(monkeypatch, stage, TOY_LOGITS)
+    adapter = ToyWorldAdapter(split="train", num_images=2, size=32, vocab="toy")
+    quality = np.zeros((12, 12), dtype=np.int64)
+    for out, ref in zip(outputs, adapter.list_items()):
+        gt = adapter.load(ref).label
+        expected = gt.copy()
+        expected[np.isin(gt, [5, 9, 10])] = 9  # unseen GT (tree, dog, boat) -> best unseen logit (dog)
+        assert sorted(out.files) == ["gt.png", "jpg", "json", "label.png", "masks.json"]
+        np.testing.assert_array_equal(decode_png(out.files["label.png"]), expected)
+        np.testing.assert_array_equal(decode_png(out.files["gt.png"]), gt)
+        meta = json.loads(out.files["json"])
+        assert meta["schema"] == "pseudolabel/1" and meta["models"]["model"] == "fp-model"
+        assert meta["config"]["policy"] == "maskclip_plus" and meta["config"]["protocol"]["knn_postprocess"] is False
+        unseen_pixels = int(np.isin(gt, [5, 9, 10]).sum())
+        assert meta["pixels"] == {"from_model": unseen_pixels, "from_gt": gt.size - unseen_pixels, "ignore": 0}
+        for cls in (5, 9, 10):
+            quality[cls, 9] += int((gt == cls).sum())
+    assert np.array_equal(np.asarray(stage.end_shard()["quality"]["matrix"]), quality)
+    assert stage.end_shard() == {"pixels": {"from_model": 0, "from_gt": 0, "ignore": 0}}  # reset after a shard
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
+def test_masks_json_regions_tile_the_label_map(monkeypatch):
+    from pipeline.models.sam import rle_to_mask
+
+    stage = make_stage(policy="all_pixels", threshold=0.0)
+    out = run_stage(monkeypatch, stage, TOY_LOGITS)[0]
+    label = decode_png(out.files["label.png"])
+    assert np.all(label == 3)
+    (region,) = json.loads(out.files["masks.json"])
+    assert region["category_id"] == 3 and region["producer"] == "selftrain"
+    assert region["area"] == 32 * 32 and region["bbox"] == [0, 0, 32, 32]
+    assert np.array_equal(rle_to_mask(region["segmentation"]), label == 3)
+    probs = np.exp(TOY_LOGITS) / np.exp(TOY_LOGITS).sum()
+    assert region["score"] == pytest.approx(probs[3], abs=1e-5)
+
+
+def test_missing_gt_fails_the_sample_not_the_shard(monkeypatch):
+    stage = make_stage(policy="zsseg_st")
+    run_stage(monkeypatch, stage, TOY_LOGITS)
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    no_gt = ImageRecord(key="nogt", image=image, label=None, meta={"source": "x"})
+    bad = ImageRecord(key="bad", image=None, label=None, meta={}, error="zero-byte file")
+    outputs = stage.process_batch([no_gt, bad])
+    assert [(o.key, o.ok, o.error) for o in outputs] == [
+        ("nogt", False, "policy zsseg_st needs ground truth; this image has none"), ("bad", False, "zero-byte file")]
+
+
+def test_model_with_other_classes_is_refused(monkeypatch):
+    with pytest.raises(ConfigError, match="predicts 3 classes"):
+        run_stage(monkeypatch, make_stage(), [0.0, 1.0, 2.0])
+
+
+def test_end_to_end_through_the_runner(tmp_path, monkeypatch):
+    from pipeline.run import compose, run
+    from pipeline.shards import open_stage
+
+    monkeypatch.setitem(dag.STAGES, "fakemodel", "selftrain_fixtures:FakeModelStage")
+    predictor = FixedLogitsPredictor(TOY_LOGITS)
+    monkeypatch.setattr(selftrain, "load_predictor", lambda output, vocab, device, knn: predictor)
+    overrides = [f"output_root={tmp_path}", "executor=local", "+model={stage:fakemodel,inputs:{}}",
+                 "+stage@selftrain=selftrain", "selftrain.inputs.model=model", "selftrain.policy=zsseg_st",
+                 "+selftrain.data.num_images=3", "+selftrain.data.size=32", "selftrain.samples_per_shard=2",
+                 "+selftrain.protocol_overrides.short_side=32", "stages=[model,selftrain]"]
+    summaries = run(compose("demo", overrides))
+    assert [(s.node, s.status, s.samples, s.failed, s.shards) for s in summaries][1] == ("selftrain", "ran", 3, 0, 2)
+    output = open_stage(str(tmp_path / "selftrain"))
+    model_fp = open_stage(str(tmp_path / "model")).fingerprint
+    samples = list(output.samples())
+    assert [s["__key__"] for s in samples] == ["toy_train_000000", "toy_train_000001", "toy_train_000002"]
+    unseen_pixels = 0
+    for sample in samples:
+        gt, label = decode_png(sample["gt.png"]), decode_png(sample["label.png"])
+        expected = np.where(np.isin(gt, [5, 9, 10]), 9, gt)  # toyworld labels every pixel: no 255 to fill
+        np.testing.assert_array_equal(label, expected)
+        assert json.loads(sample["json"])["models"]["model"] == model_fp
+        unseen_pixels += int(np.isin(gt, [5, 9, 10]).sum())
+    report = json.loads((tmp_path / "selftrain" / output.fingerprint / "selftrain_quality.json").read_text())
+    assert report["policy"] == "zsseg_st" and report["metrics"]["num_pixels"] == unseen_pixels > 0
+    assert report["pixels"]["from_model"] == unseen_pixels
+    assert output.manifest["selftrain"]["quality_file"] == "selftrain_quality.json"
+    assert run(compose("demo", overrides))[1].status == "up to date"
