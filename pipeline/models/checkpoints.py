@@ -68,12 +68,14 @@ def is_hub_tag(ref: str) -> bool:
     return "/" not in ref and os.sep not in ref and not ref.lower().endswith(WEIGHT_SUFFIXES)
 
 
-def resolve_weights(ref: str | None, key: str = "weights") -> str | None:
+def resolve_weights(ref: str | None, key: str = "weights", allow_tags: bool = True) -> str | None:
     """Turn a weight reference into a local path (or pass a hub tag / ``None`` through).
 
     Args:
         ref: ``None``, a local path, a ``file://`` path, an fsspec URL or a hub tag.
         key: config key the reference came from (e.g. ``"clip.pretrained"``), used in error messages.
+        allow_tags: pass hub tags through (open_clip); when False every non-None reference must be a path or URL
+            (SAM, DINOv2), so ``"dinov2-base"`` fails with `FileNotFoundError` instead of being taken for a tag.
 
     Returns:
         ``None`` for ``None``; the tag itself for hub tags; otherwise an existing local file or directory path.
@@ -83,7 +85,7 @@ def resolve_weights(ref: str | None, key: str = "weights") -> str | None:
     Raises:
         FileNotFoundError: the local path or remote object does not exist; the message names `key`.
     """
-    if ref is None or is_hub_tag(ref):
+    if ref is None or (allow_tags and is_hub_tag(ref)):
         return ref
     if not is_url(ref):
         path = _local_path(ref)
@@ -148,12 +150,13 @@ def _dir_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def weights_identity(ref: str | None, key: str = "weights") -> str:
+def weights_identity(ref: str | None, key: str = "weights", allow_tags: bool = True) -> str:
     """Stable identity of a weight reference, for fingerprints.
 
     Args:
         ref: as for `resolve_weights`.
         key: config key for error messages.
+        allow_tags: as for `resolve_weights`.
 
     Returns:
         ``random-init`` for ``None``; ``tag:<name>`` for hub tags; ``sha256:<hex>`` of the file bytes (or of the
@@ -162,9 +165,9 @@ def weights_identity(ref: str | None, key: str = "weights") -> str:
     """
     if ref is None:
         return "random-init"
-    if is_hub_tag(ref):
+    if allow_tags and is_hub_tag(ref):
         return f"tag:{ref}"
-    path = Path(resolve_weights(ref, key))  # type: ignore[arg-type]
+    path = Path(resolve_weights(ref, key, allow_tags=False))  # type: ignore[arg-type]
     return f"sha256:{_dir_sha256(path) if path.is_dir() else file_sha256(path)}"
 
 

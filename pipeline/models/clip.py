@@ -32,6 +32,9 @@ from pipeline.models.checkpoints import (
     weights_identity,
 )
 from pipeline.models.preprocess import CLIP_MEAN, CLIP_STD, to_normalized_tensor
+from pipeline.models.sliding import SlidingFeatures, patch_centers
+
+__all__ = ["Clip", "ClipConfig", "SlidingFeatures", "patch_centers", "register_open_clip_configs"]
 
 OPEN_CLIP_CONFIGS = (Path(__file__).resolve().parent / "configs" / "toy-vit.json",)
 _registered = False
@@ -210,7 +213,7 @@ class Clip:
         return 100.0 * image @ F.normalize(text.to(image), dim=-1).T
 
     @torch.no_grad()
-    def sliding_dense(self, image: np.ndarray, crop: int, stride: int, scale: float = 1.0) -> sliding.SlidingFeatures:
+    def sliding_dense(self, image: np.ndarray, crop: int, stride: int, scale: float = 1.0) -> SlidingFeatures:
         """High-resolution MaskCLIP features of a whole image from overlapping crops.
 
         The image is resized by `scale` (bicubic), padded bottom/right with the CLIP mean colour (0 after
@@ -246,7 +249,7 @@ class Clip:
             cls.append(crop_cls)
         grid = (-(-size[0] // self.patch_size), -(-size[1] // self.patch_size))
         features = sliding.assemble(torch.cat(patches), boxes, self.patch_size, grid)
-        return sliding.SlidingFeatures(
+        return SlidingFeatures(
             features=features,
             crop_cls=torch.cat(cls),
             crop_boxes=(boxes / scale).astype(np.float32),

@@ -131,7 +131,7 @@ class Dinov2:
             CheckpointMismatchError: the weights do not fit the preset ``cfg.name``.
         """
         expected = preset_config(cfg.name)
-        local = resolve_weights(cfg.weights, key="dinov2.weights")
+        local = resolve_weights(cfg.weights, key="dinov2.weights", allow_tags=False)
         if local is None:
             from transformers import Dinov2Model
 
@@ -140,7 +140,7 @@ class Dinov2:
         else:
             model = _load_pretrained(Path(local), expected, cfg.name)
         model.to(cfg.device)
-        weights = (weights_identity(cfg.weights, key="dinov2.weights") if cfg.weights
+        weights = (weights_identity(cfg.weights, key="dinov2.weights", allow_tags=False) if cfg.weights
                    else random_init_identity(cfg.init_seed))
         return cls(model, cfg, identity=f"dinov2:{cfg.name}@{weights}")
 

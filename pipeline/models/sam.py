@@ -22,8 +22,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.models.checkpoints import load_checked, random_init_identity, resolve_weights, seeded_init
-from pipeline.models.checkpoints import weights_identity as _weights_identity
+from pipeline.models.checkpoints import (
+    load_checked,
+    random_init_identity,
+    resolve_weights,
+    seeded_init,
+    weights_identity,
+)
 from pipeline.models.preprocess import check_rgb_uint8
 
 TOY_CONFIG = Path(__file__).resolve().parent / "configs" / "sam-toy.json"
@@ -151,13 +156,13 @@ class Sam:
             FileNotFoundError: the checkpoint path/URL does not exist (message names ``sam.checkpoint``).
             CheckpointMismatchError: the checkpoint does not fit ``cfg.model_type``.
         """
-        local = resolve_weights(cfg.checkpoint, key="sam.checkpoint")
+        local = resolve_weights(cfg.checkpoint, key="sam.checkpoint", allow_tags=False)
         with seeded_init(cfg.init_seed):
             model = build_sam_architecture(cfg.model_type)
         if local is not None:
             load_checked(model, local, arch=f"sam {cfg.model_type}", source="sam.checkpoint")
         model.to(cfg.device)
-        weights = (_weights_identity(cfg.checkpoint, key="sam.checkpoint") if cfg.checkpoint
+        weights = (weights_identity(cfg.checkpoint, key="sam.checkpoint", allow_tags=False) if cfg.checkpoint
                    else random_init_identity(cfg.init_seed))
         return cls(model, cfg, identity=f"sam:{cfg.model_type}@{weights}")
 

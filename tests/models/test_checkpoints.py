@@ -210,3 +210,5 @@ def test_dinov2_mismatch_and_missing(tmp_path: Path) -> None:
         Dinov2.build(Dinov2Config(name="toy", weights=str(directory)))
     with pytest.raises(FileNotFoundError, match=re.escape("dinov2.weights: /nope/dinov2-large does not exist")):
         Dinov2.build(Dinov2Config(name="dinov2-large", weights="/nope/dinov2-large"))
+    with pytest.raises(FileNotFoundError, match=re.escape("dinov2.weights: dinov2-base does not exist")):
+        Dinov2.build(Dinov2Config(name="dinov2-base", weights="dinov2-base"))  # no hub tags outside open_clip

@@ -52,6 +52,15 @@ def test_random_init_is_seeded(toy_clip: Clip) -> None:
 
 
 @torch.no_grad()
+def test_bf16_weights_give_float32_outputs_close_to_fp32(toy_clip: Clip) -> None:
+    half = Clip.build(ClipConfig(model_name="toy-vit", precision="bf16"))
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    patch, cls = half.dense_features(pixels)
+    assert patch.dtype == cls.dtype == torch.float32
+    assert ((cls * toy_clip.encode_image(pixels)).sum(dim=-1) > 0.98).all()
+
+
+@torch.no_grad()
 def test_encode_image_and_dense_cls_equal_open_clip(toy_clip: Clip) -> None:
     pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     reference = F.normalize(toy_clip.model.encode_image(pixels), dim=-1)
