@@ -7,7 +7,10 @@ fails with `CheckpointMismatchError` before any compute); a hub tag goes through
 
 OpenAI weights loaded from a file need ``force_quick_gelu=True`` (or a ``*-quickgelu`` model name): only the
 ``openai`` tag switches QuickGELU on by itself, and the mismatch is silent. OpenAI's original TorchScript archives
-cannot be read with ``weights_only=True``; convert them to a plain state dict first.
+cannot be read with ``weights_only=True``; convert them to a plain state dict first. Files are loaded strictly,
+without open_clip's ``load_checkpoint`` conversions (big_vision ``.npz``, legacy text-tower keys, position-embedding
+resizing): a file must match the architecture exactly. Building with a file or ``None`` sets ``HF_HUB_OFFLINE=1``
+in the process environment (if unset), so nothing waits on DNS where no network is expected.
 """
 
 from __future__ import annotations

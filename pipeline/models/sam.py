@@ -47,7 +47,8 @@ class SamConfig:
         precision: ``fp32``, or ``bf16``/``fp16`` autocast around the encoder and decoder (weights stay fp32).
         init_seed: seed for random init, so random-init builds are reproducible.
         encoder_batch_size: images per image-encoder call in `Sam.embed_images` (does not change results).
-        prompt_batch_size: prompt sets per mask-decoder call in `Sam.decode_points` (does not change results).
+        prompt_batch_size: prompt sets per mask-decoder call in `Sam.decode_points` (does not change results;
+            memory grows as sets x K x H x W float32 for the upsampled masks).
     """
 
     model_type: Literal["vit_h", "vit_l", "vit_b", "toy"] = "vit_b"
@@ -56,7 +57,7 @@ class SamConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     init_seed: int = 0
     encoder_batch_size: int = 4
-    prompt_batch_size: int = 64
+    prompt_batch_size: int = 16
 
 
 @dataclass
