@@ -84,8 +84,11 @@ class DeepPromptViT(nn.Module):
             pixels: float [B, 3, H, W], normalised; H and W multiples of the patch size.
 
         Returns:
-            patch_embeddings: float [B, D, h, w], L2-normalised over D, h = H / patch, w = W / patch.
-            global_embedding: float [B, D], L2-normalised ([CLS] token).
+            patch_embeddings: float32 [B, D, h, w], L2-normalised over D, h = H / patch, w = W / patch.
+            global_embedding: float32 [B, D], L2-normalised ([CLS] token).
+
+        The frozen tower runs in its own dtype (fp32/bf16/fp16 weights); prompts are cast to it, `prompt_norm`
+        runs in float32 and the outputs are float32.
         """
         tokens, grid_h, grid_w = self._embed(pixels)
         num_patches = grid_h * grid_w
@@ -97,7 +100,8 @@ class DeepPromptViT(nn.Module):
             else:
                 tokens = torch.cat([cls_token, patches], dim=1)
             tokens = self._run_block(block, tokens)
-        tokens = self.visual.ln_post(self.prompt_norm(tokens)) @ self.visual.proj
+        tokens = self.visual.ln_post(self.prompt_norm(tokens.float()).to(tokens.dtype))
+        tokens = (tokens.to(self.visual.proj.dtype) @ self.visual.proj).float()
         global_embedding = F.normalize(tokens[:, 0], dim=-1)
         patch_embeddings = tokens[:, -num_patches:].transpose(1, 2).reshape(tokens.shape[0], -1, grid_h, grid_w)
         return F.normalize(patch_embeddings, dim=1), global_embedding
@@ -115,8 +119,9 @@ class DeepPromptViT(nn.Module):
         patches = features.flatten(2).transpose(1, 2)
         cls_token = visual.class_embedding.to(patches.dtype).reshape(1, 1, width).expand(batch_size, -1, -1)
         tokens = torch.cat([cls_token, patches], dim=1)
-        tokens = tokens + resize_position_embedding(visual.positional_embedding, visual.grid_size, (grid_h, grid_w))
-        return visual.ln_pre(tokens), grid_h, grid_w
+        position = resize_position_embedding(visual.positional_embedding, visual.grid_size, (grid_h, grid_w))
+        tokens = tokens + position.to(tokens.dtype)
+        return visual.ln_pre(tokens).to(tokens.dtype), grid_h, grid_w
 
     def _run_block(self, block: nn.Module, tokens: Tensor) -> Tensor:
         """Run one open_clip residual block on batch-first tokens, whatever layout the tower uses."""

@@ -306,3 +306,18 @@ def test_learnable_parameters_match_release_count_on_vit_b16() -> None:
     unused_self_attention = 3 * (4 * 512 * 512 + 4 * 512)
     assert learnable == 10_666_240
     assert round((learnable + unused_self_attention) / 1e6, 1) == 13.8
+
+
+def test_low_precision_tower_trains_float32_prompts(clip_model: torch.nn.Module) -> None:
+    """A bf16 CLIP (as `Clip` builds with precision=bf16) runs frozen in bf16; prompts and outputs stay float32."""
+    import open_clip
+
+    low_precision = open_clip.create_model("zegclip-test-vit", pretrained=None, precision="bf16")
+    method = make_method(low_precision)
+    model = method.build_model()
+    batch = {"pixels": torch.randn(2, 3, 32, 32), "labels": torch.randint(0, 5, (2, 32, 32))}
+    loss, _ = method.loss(model, batch, step=0, total_steps=10)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert model.backbone.prompt_embeddings.grad.dtype == torch.float32
+    assert model.backbone.visual.conv1.weight.dtype == torch.bfloat16
