@@ -1,0 +1,347 @@
+"""Evaluation: score trained models, training-free baselines and pseudo-labels on a labelled split.
+
+One engine for every protocol (methods-spec §6.4): each method predicts every eval image under its protocol
+(`pipeline.inference.predict`: keep-ratio resize, whole or sliding window, logits back to the ORIGINAL size,
+score transform, seen penalty), predictions are accumulated into one dataset-level confusion matrix per method
+(per shard, merged on the driver, exact), and `pipeline.metrics.compute_metrics` derives per-class IoU, mIoU,
+pAcc and, when the vocabulary has a seen/unseen split, mIoU(S), mIoU(U) and hIoU of that one all-class prediction.
+
+Ground-truth filters (`gt_filter`):
+    null          every class of `vocab` is evaluated (GZSL when the vocabulary has unseen classes).
+    unseen_only   IFSeg's COCO "15 unseen" protocol (methods-spec §1.6): GT pixels of seen classes become ignore,
+                  the test vocabulary is the unseen subset in `vocab` order (train ids remapped to 0..U-1), so
+                  predictors only see those U words. It is a U-way classification of unseen-GT pixels, not GZSL.
+
+Pseudo-label methods (`kind: labels`) read `label.png` of an upstream pseudolabel/selftrain output for the same
+sample keys. Their unlabelled pixels (ignore) are left out of the matrix, so their IoU measures the labels
+where they exist; `coverage` (% of valid GT pixels that carry a label) is reported beside it. Under
+`unseen_only`, labels of seen classes count as unlabelled. A key absent upstream is counted in
+`missing_samples` for that method and written in the sample's json.
+
+Per sample the stage writes `<method>.png` (prediction, eval-vocabulary train ids, uint8 with 255 or uint16 with
+65535 as ignore) and `json`; stage level `metrics.json` and `report/` (Markdown, overlays, legend).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.records import ImageRecord, ItemRef
+from pipeline.data.registry import adapter_fields, build_adapter
+from pipeline.data.vocab import Vocabulary, load_vocab
+from pipeline.eval_methods import MethodSpec, parse_methods
+from pipeline.metrics import ConfusionMatrix, compute_metrics, to_json
+from pipeline.shards import SampleOutput, join
+from pipeline.stage import ConfigError, Resources, ShardPlan, Stage
+from pipeline.upstream_labels import decode_label_png, index_keys, read_label_pngs
+
+SCHEMA = "eval/1"
+GT_FILTERS = (None, "unseen_only")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """Knobs of the eval stage (mirrored by conf/stage/eval.yaml).
+
+    Attributes:
+        vocab: vocabulary of the GT label maps (must equal the adapter's).
+        data: input-adapter config of the labelled eval split (`pipeline.data.registry.build_adapter`); its
+            `vocab` defaults to `vocab` when the adapter takes one.
+        protocol: default protocol preset (`conf/protocol/<name>.yaml`) of methods that name none.
+        protocol_overrides: protocol fields applied to every method (dataset facts, e.g. short_side).
+        methods: `{name, kind, input?, knn?, clip?, templates?, name_variant?, logit_scale?, protocol?,
+            protocol_overrides?, miou_denominator?}` per method (see `pipeline.eval_methods`).
+        seen_ids_from_vocab: report mIoU(S)/mIoU(U)/hIoU from the vocabulary's unseen list (and give seen classes
+            the protocol's seen penalty); no split when false or when the vocabulary has no unseen classes.
+        gt_filter: null or "unseen_only" (see the module docstring).
+        miou_denominator: "mmseg" or "zsseg" for methods that do not set one.
+        max_images: evaluate only the first N images of the adapter's (sorted) list; null = all.
+        num_report_samples: the first N successfully evaluated images get overlays in the report.
+        samples_per_shard: eval images per shard.
+        device: torch device for predictors, "auto" = cuda when available, else cpu.
+        resources: executor resources (not fingerprinted).
+    """
+
+    vocab: str = "toy"
+    data: dict = field(default_factory=lambda: {"kind": "toyworld", "split": "val", "num_images": 16})
+    protocol: str = "ifseg"
+    protocol_overrides: dict = field(default_factory=dict)
+    methods: list = field(default_factory=lambda: [{"name": "maskclip", "kind": "maskclip"}])
+    seen_ids_from_vocab: bool = True
+    gt_filter: str | None = None
+    miou_denominator: str = "mmseg"
+    max_images: int | None = None
+    num_report_samples: int = 6
+    samples_per_shard: int = 50
+    device: str = "auto"
+    resources: Resources = field(default_factory=lambda: Resources(num_cpus=1.0, batch_size=4))
+
+
+@dataclass
+class Loaded:
+    """One eval image on a worker: its ref, the decoded record and each labels-method's upstream PNG bytes."""
+
+    ref: ItemRef
+    record: ImageRecord
+    label_pngs: dict[str, bytes | None]
+
+
+def unseen_only_lut(vocab: Vocabulary) -> np.ndarray:
+    """LUT full train id -> unseen-subset id (position in `vocab.unseen_ids`); every other value -> ignore.
+
+    Returns:
+        int64 [max(num_classes, ignore_index) + 1]; index with ids clipped to its last entry (= ignore).
+    """
+    lut = np.full(max(vocab.num_classes, vocab.ignore_index) + 1, vocab.ignore_index, dtype=np.int64)
+    lut[list(vocab.unseen_ids)] = np.arange(len(vocab.unseen_ids))
+    return lut
+
+
+def png_bytes(label: np.ndarray, dtype: type[np.unsignedinteger]) -> bytes:
+    """PNG of an [H, W] id map stored as `dtype` (uint8 -> mode L, uint16 -> mode I;16)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(label.astype(dtype))).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class EvalStage(Stage):
+    """Scores every method on the eval split; see the module docstring."""
+
+    kind = "eval"
+    code_version = "1"
+    schema = SCHEMA
+    uses_models = True
+    Config = EvalConfig
+
+    def __init__(self, context) -> None:  # noqa: ANN001 - StageContext, see Stage
+        super().__init__(context)
+        cfg, node = self.cfg, context.node
+        if cfg.gt_filter not in GT_FILTERS:
+            raise ConfigError(f"{node}.gt_filter={cfg.gt_filter!r}: choose one of {list(GT_FILTERS)}")
+        if cfg.samples_per_shard < 1 or cfg.num_report_samples < 0 or (cfg.max_images or 1) < 1:
+            raise ConfigError(f"{node}: need samples_per_shard >= 1, num_report_samples >= 0, max_images >= 1")
+        try:
+            self.vocab = load_vocab(cfg.vocab)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"{node}.vocab={cfg.vocab!r}: {error}") from None
+        self.eval_vocab, self.gt_lut = self._eval_vocabulary()
+        ports = set(context.config.get("inputs") or {})
+        self.methods: list[MethodSpec] = parse_methods(cfg.methods, node, ports, cfg.protocol,
+                                                       cfg.protocol_overrides, cfg.miou_denominator)
+        self.adapter = self._adapter()
+        split = cfg.seen_ids_from_vocab and bool(self.eval_vocab.unseen_ids) and cfg.gt_filter is None
+        self.unseen_ids = list(self.eval_vocab.unseen_ids) if split else None
+        self.seen_ids = list(self.eval_vocab.seen_ids) if cfg.seen_ids_from_vocab else []
+        self._reset()
+
+    def _eval_vocabulary(self) -> tuple[Vocabulary, np.ndarray | None]:
+        if self.cfg.gt_filter != "unseen_only":
+            return self.vocab, None
+        if not self.vocab.unseen_ids:
+            raise ConfigError(f"{self.context.node}.gt_filter=unseen_only but vocabulary {self.vocab.name!r} lists "
+                              "no unseen classes; pick a vocabulary with `unseen:` or set gt_filter=null")
+        subset = self.vocab.subset(list(self.vocab.unseen_ids), f"{self.vocab.name}_unseen_only")
+        return subset, unseen_only_lut(self.vocab)
+
+    def _adapter(self) -> Any:
+        data = dict(self.cfg.data)
+        try:
+            if "vocab" not in data and "vocab" in adapter_fields(str(data.get("kind"))):
+                data["vocab"] = self.cfg.vocab
+            adapter = build_adapter(data)
+        except (KeyError, ValueError, FileNotFoundError) as error:
+            raise ConfigError(f"{self.context.node}.data: {error}") from None
+        if tuple(adapter.vocab.names) != self.vocab.names:
+            raise ConfigError(f"{self.context.node}: the eval data's labels use vocabulary {adapter.vocab.name!r}, "
+                              f"but vocab={self.vocab.name!r}; set {self.context.node}.vocab={adapter.vocab.name}")
+        return adapter
+
+    def identities(self) -> dict[str, str]:
+        """Vocabulary digest, and per method its resolved protocol and (maskclip) CLIP weights identity."""
+        from pipeline.models.checkpoints import random_init_identity, weights_identity
+
+        ids = {"vocab": self.vocab.digest(), "eval_vocab": self.eval_vocab.digest()}
+        for spec in self.methods:
+            ids[f"method:{spec.name}"] = json.dumps(spec.record(), sort_keys=True)
+            if spec.kind == "maskclip":
+                clip = dict(spec.options.get("clip") or {})
+                ref = clip.get("pretrained")
+                ids[f"weights:{spec.name}"] = (weights_identity(ref, f"{self.context.node}.methods.clip.pretrained")
+                                               if ref else random_init_identity(int(clip.get("init_seed", 0))))
+        return ids
+
+    def plan(self) -> list[ShardPlan]:
+        """Shards of `samples_per_shard` eval images; each item carries its labels-methods' upstream shard URLs."""
+        for spec in self.methods:
+            spec.protocol  # noqa: B018 - builds the Protocol: invalid values fail here, before any compute
+        sources = {spec.name: self._label_index(spec) for spec in self.methods if spec.is_labels}
+        refs = self.adapter.list_items()[: self.cfg.max_images]
+        items = [(ref, tuple((name, index.get(ref.key)) for name, index in sources.items())) for ref in refs]
+        per = self.cfg.samples_per_shard
+        return [ShardPlan(i, tuple(items[start:start + per])) for i, start in enumerate(range(0, len(items), per))]
+
+    def _label_index(self, spec: MethodSpec) -> dict[str, str]:
+        output = self.context.upstream[spec.input]
+        names = (output.manifest.get("vocab") or {}).get("names")
+        if names is not None and tuple(names) != self.vocab.names:
+            raise ConfigError(f"{self.context.node}.methods[{spec.name}]: upstream {spec.input!r} labels use "
+                              f"vocabulary {output.manifest['vocab'].get('name')!r}, not {self.vocab.name!r}")
+        return index_keys(output)
+
+    def item_key(self, item: tuple[ItemRef, tuple]) -> str:
+        return item[0].key
+
+    # ----------------------------------------------------------------- workers
+    def setup(self) -> None:
+        """Build the predictors of the logits methods once per worker."""
+        import torch
+
+        from pipeline.predictors import build_predictor
+
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if self.cfg.device == "auto" else self.cfg.device
+        self.protocols = {spec.name: spec.protocol for spec in self.methods}
+        self.predictors = {spec.name: build_predictor(spec.options, self.eval_vocab, self.context.upstream,
+                                                      self.device)
+                           for spec in self.methods if not spec.is_labels}
+
+    def _reset(self) -> None:
+        size, ignore = self.eval_vocab.num_classes, self.eval_vocab.ignore_index
+        self.matrices = {spec.name: ConfusionMatrix(size, ignore) for spec in self.methods}
+        self.coverage = {spec.name: [0, 0] for spec in self.methods if spec.is_labels}
+        self.missing = {spec.name: 0 for spec in self.methods if spec.is_labels}
+        self.report_keys: list[str] = []
+
+    def iter_loaded(self, plan: ShardPlan) -> Iterator[Loaded]:
+        """Decode each image (adapter) and fetch the labels-methods' upstream PNGs of this shard in one pass each."""
+        wanted: dict[str, set[str]] = {}
+        for ref, sources in plan.items:
+            for _, url in sources:
+                if url is not None:
+                    wanted.setdefault(url, set()).add(ref.key)
+        pngs = read_label_pngs(wanted)
+        for ref, sources in plan.items:
+            labels = {name: pngs.get((url, ref.key)) if url else None for name, url in sources}
+            yield Loaded(ref, self.adapter.load(ref), labels)
+
+    def process_batch(self, loaded: Sequence[Loaded]) -> list[SampleOutput]:
+        return [self._evaluate(item) for item in loaded]
+
+    def _evaluate(self, item: Loaded) -> SampleOutput:
+        record, key, source = item.record, item.ref.key, item.ref.source
+        if not record.ok:
+            return SampleOutput(key, None, source=source, error=record.error)
+        if record.label is None:
+            return SampleOutput(key, None, source=source, error="no ground-truth label map; eval data needs labels")
+        gt = self._map_gt(record.label)
+        preds = {spec.name: self._predict(spec, record.image, item.label_pngs.get(spec.name))
+                 for spec in self.methods}
+        wrong = sorted(name for name, pred in preds.items() if pred is not None and pred.shape != gt.shape)
+        if wrong:
+            return SampleOutput(key, None, source=source,
+                                error=f"prediction of {wrong} does not match the GT size {list(gt.shape)}")
+        for name, pred in preds.items():
+            self._accumulate(name, pred, gt)
+        if len(self.report_keys) < self.cfg.num_report_samples:
+            self.report_keys.append(key)
+        dtype = self.eval_vocab.label_dtype
+        files = {f"{name}.png": png_bytes(pred, dtype) for name, pred in preds.items() if pred is not None}
+        meta = {"schema": SCHEMA, "key": key, "source": source, "orig_size": list(gt.shape),
+                "vocab": self.eval_vocab.name, "vocab_digest": self.eval_vocab.digest(),
+                "gt_filter": self.cfg.gt_filter, "methods": sorted(files),
+                "missing": sorted(name for name, pred in preds.items() if pred is None)}
+        files["json"] = json.dumps(meta, sort_keys=True).encode()
+        return SampleOutput(key, files, source=source)
+
+    def _map_gt(self, label: np.ndarray) -> np.ndarray:
+        """Eval-vocabulary GT: [H, W] int64, ignore = `eval_vocab.ignore_index`."""
+        label = np.asarray(label, dtype=np.int64)
+        return label if self.gt_lut is None else self.gt_lut[np.minimum(label, len(self.gt_lut) - 1)]
+
+    def _predict(self, spec: MethodSpec, image: np.ndarray, label_png: bytes | None) -> np.ndarray | None:
+        """[H, W] int64 eval-vocabulary ids (labels methods: ignore where unlabelled; None when missing)."""
+        if spec.is_labels:
+            return None if label_png is None else self._map_gt(decode_label_png(label_png))
+        from pipeline.inference import predict
+
+        predictor = self.predictors[spec.name]
+        seen = self.seen_ids if self.cfg.seen_ids_from_vocab else []
+        return predict(image, predictor.logits, self.protocols[spec.name], self.eval_vocab.num_classes, seen,
+                       self.device)
+
+    def _accumulate(self, name: str, pred: np.ndarray | None, gt: np.ndarray) -> None:
+        ignore = self.eval_vocab.ignore_index
+        if name not in self.coverage:
+            self.matrices[name].update(pred, gt)
+            return
+        if pred is None:
+            self.missing[name] += 1
+            return
+        labelled = (pred != ignore) & (gt != ignore)
+        self.coverage[name][0] += int(labelled.sum())
+        self.coverage[name][1] += int((gt != ignore).sum())
+        self.matrices[name].update(np.where(labelled, pred, 0), np.where(labelled, gt, ignore))
+
+    def end_shard(self) -> dict[str, Any]:
+        """Per method: the shard's confusion matrix (and labels coverage/missing counts); report candidates."""
+        extra = {"confusion": {name: cm.to_dict() for name, cm in self.matrices.items()},
+                 "coverage": self.coverage, "missing": self.missing, "report_keys": self.report_keys}
+        self._reset()
+        return extra
+
+    # ------------------------------------------------------------------ driver
+    def finalize(self, done: list[Any]) -> dict[str, Any]:
+        """Merge the shards' matrices, write metrics.json and report/; return `{"metrics": headline numbers}`."""
+        import fsspec
+
+        from pipeline.eval_report import gather_samples
+        from pipeline.report import metric_table, write_report
+
+        metrics = {spec.name: self._method_metrics(spec, done) for spec in self.methods}
+        document = {"schema": SCHEMA, "vocab": self.eval_vocab.name, "vocab_digest": self.eval_vocab.digest(),
+                    "gt_filter": self.cfg.gt_filter, "num_images": sum(d.count for d in done),
+                    "num_failed": sum(d.failed for d in done), "methods": metrics}
+        fs, root = fsspec.core.url_to_fs(self.context.output_url)
+        fs.pipe_file(join(root, "metrics.json"), to_json(document).encode())
+        keys = [key for d in done for key in d.extra.get("report_keys", [])][: self.cfg.num_report_samples]
+        shards = [join(self.context.output_url, f"{d.shard}.tar") for d in done if d.extra.get("report_keys")]
+        samples = gather_samples(self.adapter, self._map_gt, shards, keys)
+        write_report(join(self.context.output_url, "report"), metrics, list(self.eval_vocab.names), samples,
+                     title=f"Evaluation: {self.context.node} ({self.eval_vocab.name})")
+        log.info("%s metrics (%%):\n%s", self.context.node, metric_table(metrics))
+        return {"metrics": json.loads(to_json({name: headline(m) for name, m in metrics.items()}, indent=None))}
+
+    def _method_metrics(self, spec: MethodSpec, done: list[Any]) -> dict[str, Any]:
+        """Metrics of one method from the sum of its per-shard matrices, plus its record and labels coverage."""
+        matrix = ConfusionMatrix(self.eval_vocab.num_classes, self.eval_vocab.ignore_index)
+        for marker in done:
+            matrix.merge(ConfusionMatrix.from_dict(marker.extra["confusion"][spec.name]))
+        result = compute_metrics(matrix, list(self.eval_vocab.names), unseen_ids=self.unseen_ids,
+                                 miou_denominator=spec.miou_denominator)
+        result.update(spec.record())
+        if spec.is_labels:
+            labelled = sum(m.extra["coverage"][spec.name][0] for m in done)
+            valid = sum(m.extra["coverage"][spec.name][1] for m in done)
+            result["coverage"] = 100.0 * labelled / valid if valid else float("nan")
+            result["missing_samples"] = sum(m.extra["missing"][spec.name] for m in done)
+        return result
+
+    def manifest_extra(self) -> dict[str, Any]:
+        return {"vocab": self.eval_vocab.to_dict(),
+                "sample_files": {"<method>.png": "prediction, eval-vocabulary train ids (uint8/uint16, ignore)",
+                                 "json": "key, source, size, methods written and missing"}}
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of one method (manifest fields)."""
+    keys = ("mIoU", "pAcc", "mAcc", "mIoU(S)", "mIoU(U)", "hIoU", "coverage", "missing_samples")
+    return {key: metrics[key] for key in keys if key in metrics}

@@ -1,0 +1,246 @@
+"""The eval stage: exact wiring (oracle = 100 mIoU), shard-merge invariance, unseen-only GT, labels, report, e2e."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import predictors
+from pipeline.data.registry import build_adapter
+from pipeline.data.vocab import load_vocab
+from pipeline.executor import run_shard
+from pipeline.inference import load_protocol, predict
+from pipeline.metrics import ConfusionMatrix, compute_metrics
+from pipeline.shards import SampleOutput, StageOutput, commit_shard, write_stage_index
+from pipeline.stage import ConfigError, StageContext
+from stages.evaluate import EvalStage, png_bytes, unseen_only_lut
+
+TOY_DATA = {"kind": "toyworld", "split": "val", "num_images": 5, "size": 64}
+
+
+def digest(image: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    return (pixels[0].permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def one_hot_logits(label: np.ndarray, num_classes: int) -> torch.Tensor:
+    label = torch.from_numpy(np.where(label >= num_classes, 0, label).astype(np.int64))
+    return F.one_hot(label, num_classes).permute(2, 0, 1)[None].float() * 10.0
+
+
+class Oracle:
+    """Looks the image up by content hash and returns its (mapped) GT as one-hot logits; needs identity resizing."""
+
+    def __init__(self, name: str, num_classes: int, table: dict[str, np.ndarray]) -> None:
+        self.name, self.num_classes, self.table = name, num_classes, table
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        return one_hot_logits(self.table[digest(pixels_to_uint8(pixels))], self.num_classes)
+
+
+class ColourModel:
+    """A fixed, non-trivial model: class = (red value // 23) mod C at every pixel."""
+
+    def __init__(self, name: str, num_classes: int) -> None:
+        self.name, self.num_classes = name, num_classes
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        red = (pixels[0, 0] * 255).round().long()
+        return one_hot_logits(((red // 23) % self.num_classes).numpy(), self.num_classes)
+
+
+@pytest.fixture
+def oracle_kind(monkeypatch):
+    """Registers method kinds `oracle` (GT of the method's data, optionally unseen-only) and `colour`."""
+
+    def build_oracle(method, vocab, upstream, device):
+        adapter = build_adapter(method["clip"])  # the test passes the adapter config through a free-form key
+        lut = unseen_only_lut(adapter.vocab) if vocab.name.endswith("_unseen_only") else None
+        table = {}
+        for ref in adapter.list_items():
+            record = adapter.load(ref)
+            label = record.label.astype(np.int64)
+            table[digest(record.image)] = label if lut is None else lut[np.minimum(label, len(lut) - 1)]
+        return Oracle(method["name"], vocab.num_classes, table)
+
+    monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "oracle", build_oracle)
+    monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "colour",
+                        lambda method, vocab, upstream, device: ColourModel(method["name"], vocab.num_classes))
+
+
+def make_stage(tmp_path: Path, config: dict, upstream: dict | None = None, name: str = "run") -> EvalStage:
+    context = StageContext(node="evaluate", seed=0, config=config, upstream=upstream or {},
+                           output_url=str(tmp_path / "evaluate" / name))
+    return EvalStage(context)
+
+
+def run_stage(stage: EvalStage) -> tuple[list, dict]:
+    """What the local executor and runner do: setup, every shard committed, finalize."""
+    stage.setup()
+    done = [run_shard(stage, plan, batch_size=2) for plan in stage.plan()]
+    return done, stage.finalize(done)
+
+
+def read_metrics(stage: EvalStage) -> dict:
+    return json.loads((Path(stage.context.output_url) / "metrics.json").read_text())
+
+
+def toy_config(**overrides) -> dict:
+    config = {"vocab": "toy", "data": TOY_DATA, "protocol": "ifseg", "protocol_overrides": {"short_side": 64},
+              "methods": [{"name": "oracle", "kind": "oracle", "clip": TOY_DATA}], "samples_per_shard": 2}
+    return {**config, **overrides}
+
+
+def test_oracle_scores_100_on_real_camvid_images(tmp_path, shared_data, oracle_kind):
+    data = {"kind": "camvid", "root": str(shared_data / "camvid"), "split": "val"}
+    # CamVid is 480x360: short side 360 makes the protocol's resize an identity, so GT fed back is exact
+    config = {"vocab": "camvid_11", "data": data, "protocol_overrides": {"short_side": 360},
+              "methods": [{"name": "oracle", "kind": "oracle", "clip": data}], "max_images": 10,
+              "samples_per_shard": 4, "num_report_samples": 2}
+    stage = make_stage(tmp_path, config)
+    done, extra = run_stage(stage)
+    assert [d.count for d in done] == [4, 4, 2] and sum(d.failed for d in done) == 0
+    metrics = read_metrics(stage)["methods"]["oracle"]
+    assert metrics["mIoU"] == pytest.approx(100.0) and metrics["pAcc"] == pytest.approx(100.0)
+    assert metrics["num_pixels"] > 0.9 * 10 * 480 * 360  # void (raw 11) pixels are the only ones left out
+    assert "mIoU(S)" not in metrics  # camvid_11 has no unseen classes
+    assert metrics["protocol"]["short_side"] == 360 and metrics["protocol"]["name"] == "ifseg"
+    assert metrics["protocol"]["knn_postprocess"] is False
+    assert extra["metrics"]["oracle"]["mIoU"] == pytest.approx(100.0)
+
+
+def expected_colour_matrix(num_images: int, protocol_overrides: dict) -> ConfusionMatrix:
+    adapter = build_adapter(TOY_DATA)
+    protocol = load_protocol("ifseg")
+    for key, value in protocol_overrides.items():
+        setattr(protocol, key, value)
+    vocab = load_vocab("toy")
+    model, matrix = ColourModel("colour", vocab.num_classes), ConfusionMatrix(vocab.num_classes)
+    for ref in adapter.list_items()[:num_images]:
+        record = adapter.load(ref)
+        matrix.update(predict(record.image, model.logits, protocol, vocab.num_classes, vocab.seen_ids), record.label)
+    return matrix
+
+
+def test_per_shard_matrices_merge_to_the_single_pass_numbers(tmp_path, oracle_kind):
+    methods = [{"name": "colour", "kind": "colour", "protocol_overrides": {"mode": "slide", "crop": 48,
+                                                                           "stride": 32}}]
+    sharded = make_stage(tmp_path, toy_config(methods=methods, samples_per_shard=2), name="sharded")
+    whole = make_stage(tmp_path, toy_config(methods=methods, samples_per_shard=5), name="whole")
+    done_sharded, _ = run_stage(sharded)
+    done_whole, _ = run_stage(whole)
+    assert (len(done_sharded), len(done_whole)) == (3, 1)
+    a, b = read_metrics(sharded)["methods"]["colour"], read_metrics(whole)["methods"]["colour"]
+    expected = compute_metrics(expected_colour_matrix(5, {"short_side": 64, "mode": "slide", "crop": 48,
+                                                          "stride": 32}),
+                               load_vocab("toy").names, unseen_ids=load_vocab("toy").unseen_ids)
+    for key in ("mIoU", "pAcc", "mIoU(S)", "mIoU(U)", "hIoU", "num_pixels"):
+        assert a[key] == b[key] == pytest.approx(expected[key])
+    assert 0.0 < a["mIoU"] < 100.0
+    assert a["seen_ids"] == [0, 1, 2, 3, 4, 6, 7, 8, 11] and a["unseen_ids"] == [5, 9, 10]
+
+
+def test_unseen_only_lut_keeps_unseen_classes_in_vocab_order():
+    vocab = load_vocab("toy")  # unseen: tree 5, dog 9, boat 10
+    label = np.array([[5, 9, 10, 0], [11, 255, 7, 5]])
+    lut = unseen_only_lut(vocab)
+    assert lut[label].tolist() == [[0, 1, 2, 255], [255, 255, 255, 0]]
+
+
+def test_unseen_only_scores_unseen_gt_pixels_with_the_unseen_words(tmp_path, oracle_kind):
+    constant = {"name": "tree", "kind": "colour", "protocol_overrides": {"short_side": 64}}
+    methods = [{"name": "oracle", "kind": "oracle", "clip": TOY_DATA}, constant]
+    stage = make_stage(tmp_path, toy_config(methods=methods, gt_filter="unseen_only"))
+    assert stage.eval_vocab.names == ("tree", "dog", "boat") and stage.eval_vocab.unseen_ids == (0, 1, 2)
+    run_stage(stage)
+    metrics = read_metrics(stage)
+    assert metrics["vocab"] == "toy_unseen_only" and metrics["gt_filter"] == "unseen_only"
+    oracle = metrics["methods"]["oracle"]
+    adapter, vocab = build_adapter(TOY_DATA), load_vocab("toy")
+    labels = [adapter.load(ref).label for ref in adapter.list_items()]
+    unseen_pixels = sum(int(np.isin(label, vocab.unseen_ids).sum()) for label in labels)
+    assert oracle["num_pixels"] == unseen_pixels > 0 and oracle["mIoU"] == pytest.approx(100.0)
+    assert set(oracle["per_class_iou"]) == {"tree", "dog", "boat"} and "mIoU(U)" not in oracle
+
+
+def test_labels_method_scores_labelled_pixels_and_reports_coverage_and_missing(tmp_path, oracle_kind):
+    adapter, vocab = build_adapter(TOY_DATA), load_vocab("toy")
+    refs = adapter.list_items()
+    samples, labelled, valid = [], 0, 0
+    for ref in refs[:4]:  # the 5th image has no pseudo-label upstream
+        label = adapter.load(ref).label.copy()
+        valid += int((label != 255).sum())
+        label[: label.shape[0] // 2] = 255  # top half unlabelled; the rest exactly right
+        labelled += int((label != 255).sum())
+        samples.append(SampleOutput(ref.key, {"label.png": png_bytes(label, np.uint8), "json": b"{}"}))
+    up_dir = tmp_path / "pseudolabel" / "fp"
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    done = [commit_shard(fs, str(up_dir), i, samples[2 * i:2 * i + 2], "fp") for i in range(2)]
+    manifest = {"fingerprint": "fp", "shards": [{"name": f"{d.shard}.tar"} for d in done], "num_samples": 4,
+                "num_failed": 0, "vocab": vocab.to_dict()}
+    write_stage_index(fs, str(up_dir), manifest, done)
+    config = toy_config(inputs={"pseudo": "pseudolabel"},
+                        methods=[{"name": "pseudo", "kind": "labels", "input": "pseudo"}])
+    stage = make_stage(tmp_path, config, upstream={"pseudo": StageOutput(str(up_dir))})
+    _, extra = run_stage(stage)
+    metrics = read_metrics(stage)["methods"]["pseudo"]
+    assert metrics["mIoU"] == pytest.approx(100.0) and metrics["num_pixels"] == labelled
+    assert metrics["coverage"] == pytest.approx(100.0 * labelled / valid) and metrics["missing_samples"] == 1
+    assert extra["metrics"]["pseudo"]["missing_samples"] == 1
+
+
+def test_report_and_metrics_files(tmp_path, oracle_kind):
+    methods = [{"name": "oracle", "kind": "oracle", "clip": TOY_DATA}, {"name": "colour", "kind": "colour"}]
+    stage = make_stage(tmp_path, toy_config(methods=methods, num_report_samples=3))
+    run_stage(stage)
+    out = Path(stage.context.output_url)
+    document = json.loads((out / "metrics.json").read_text())  # strict JSON (NaN -> null)
+    assert document["num_images"] == 5 and set(document["methods"]) == {"oracle", "colour"}
+    report = (out / "report" / "report.md").read_text()
+    assert "| oracle | 100.00 | 100.00 |" in report and "## Per-class IoU (%)" in report
+    assert sorted(p.name for p in (out / "report" / "samples").iterdir()) == [
+        "toy_val_000000.png", "toy_val_000001.png", "toy_val_000002.png"]
+    assert (out / "report" / "legend.png").stat().st_size > 0
+    tar_names = sorted(p.name for p in out.glob("*.tar"))
+    assert tar_names == ["000000.tar", "000001.tar", "000002.tar"]
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"methods": [{"name": "m", "kind": "maskclip", "colour": 1}]}, r"unknown key\(s\) \['colour'\]"),
+    ({"methods": [{"name": "m", "kind": "labels", "input": "pseudo"}]}, r"methods\[0\]\.input='pseudo'"),
+    ({"methods": [{"name": "m", "kind": "maskclip", "knn": True}]}, "K-NN post-processing"),
+    ({"methods": [{"name": "m.png", "kind": "maskclip"}]}, r"methods\[0\]\.name"),
+    ({"methods": [{"name": "m", "kind": "mystery"}]}, r"kind='mystery'"),
+    ({"protocol_overrides": {"crop_size": 3}}, r"unknown protocol key\(s\) \['crop_size'\]"),
+    ({"protocol": "nope"}, "known presets"),
+    ({"vocab": "camvid_11"}, r"evaluate\.data: toyworld .* set vocab=toy"),
+    ({"vocab": "camvid_11", "data": {**TOY_DATA, "vocab": "toy"}}, r"set evaluate\.vocab=toy"),
+    ({"gt_filter": "seen_only"}, "gt_filter"),
+])
+def test_config_errors_name_the_key_before_any_work(tmp_path, oracle_kind, change, match):
+    with pytest.raises(ConfigError, match=match):
+        make_stage(tmp_path, {**toy_config(), **change})
+
+
+def test_invalid_protocol_values_fail_in_plan(tmp_path):
+    stage = make_stage(tmp_path, toy_config(methods=[{"name": "m", "kind": "maskclip"}],
+                                            protocol_overrides={"stride": 999}))
+    with pytest.raises(ConfigError, match="stride"):
+        stage.plan()
+
+
+def test_unseen_only_needs_a_split(tmp_path, shared_data, oracle_kind):
+    data = {"kind": "camvid", "root": str(shared_data / "camvid"), "split": "val"}
+    with pytest.raises(ConfigError, match="no unseen classes"):
+        make_stage(tmp_path, toy_config(vocab="camvid_11", data=data, gt_filter="unseen_only"))
