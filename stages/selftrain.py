@@ -39,7 +39,7 @@ from pipeline.data.records import ImageRecord, ItemRef
 from pipeline.data.vocab import Vocabulary, load_vocab
 from pipeline.shards import SampleOutput, StageOutput, join, write_atomic
 from pipeline.stage import ConfigError, Resources, ShardPlan, Stage
-from stages.selftrain_files import class_regions, encode_image
+from stages.selftrain_files import class_regions, encode_image, encode_label_png
 from stages.selftrain_policies import (
     DEFAULT_EVAL_SPLITS,
     GT_POLICIES,
@@ -53,6 +53,7 @@ from stages.selftrain_policies import (
 SCHEMA = "pseudolabel/1"
 QUALITY_FILE = "selftrain_quality.json"
 IMAGE_FORMATS = ("jpg", "png", "none")
+PIXEL_COUNTS = ("from_model", "rejected", "from_gt", "ignore")
 PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "conf" / "protocol"
 
 
@@ -249,8 +250,7 @@ class SelfTrainStage(Stage):
                                 error=f"policy {self.cfg.policy} needs ground truth; this image has none")
         scores = self._scores(record.image)
         label = self._label(scores, record.label)
-        from_model = self._from_model(label, record.label)
-        pixels = self._account(label, record.label, from_model)
+        pixels = self._account(label, record.label, self._targets(label, record.label))
         return SampleOutput(record.key, self._files(record, label, scores, pixels), source=source)
 
     def _scores(self, image: np.ndarray) -> np.ndarray:
@@ -269,23 +269,24 @@ class SelfTrainStage(Stage):
         gt = gt.astype(vocab.label_dtype, copy=False)
         return policy(scores, gt, vocab.seen_ids, vocab.unseen_ids, vocab.ignore_index, cfg.threshold)
 
-    def _from_model(self, label: np.ndarray, gt: np.ndarray | None) -> np.ndarray:
-        """[H, W] bool: pixels labelled by the model (not ignore, not copied from seen GT)."""
-        labelled = label != self.vocab.ignore_index
-        if self.cfg.policy in GT_POLICIES:
-            labelled &= ~np.isin(gt, np.asarray(self.vocab.seen_ids, dtype=np.int64))
-        return labelled
+    def _targets(self, label: np.ndarray, gt: np.ndarray | None) -> np.ndarray:
+        """[H, W] bool: the pixels the policy asks the model to label (before the threshold)."""
+        if self.cfg.policy == "all_pixels":
+            return np.ones(label.shape, dtype=bool)
+        if self.cfg.policy == "maskclip_plus":
+            return np.isin(gt, np.asarray(self.vocab.unseen_ids, dtype=np.int64))
+        return ~np.isin(gt, np.asarray(self.vocab.seen_ids, dtype=np.int64))
 
     def _files(self, record: ImageRecord, label: np.ndarray, scores: np.ndarray,
                pixels: dict[str, int]) -> dict[str, bytes]:
         cfg, vocab = self.cfg, self.vocab
-        files = {"label.png": encode_image(label.astype(vocab.label_dtype, copy=False), "png")}
+        files = {"label.png": encode_label_png(label.astype(vocab.label_dtype, copy=False))}
         if cfg.image_format != "none":
             files[cfg.image_format] = encode_image(record.image, cfg.image_format, cfg.jpeg_quality)
         regions = class_regions(label, scores, vocab.ignore_index) if cfg.class_masks else []
         files["masks.json"] = json.dumps(regions, sort_keys=True).encode()
         if record.label is not None and cfg.keep_ground_truth and not self.eval_split:
-            files["gt.png"] = encode_image(record.label.astype(vocab.label_dtype, copy=False), "png")
+            files["gt.png"] = encode_label_png(record.label.astype(vocab.label_dtype, copy=False))
         files["json"] = json.dumps(self._provenance(record, pixels), sort_keys=True).encode()
         return files
 
@@ -304,20 +305,24 @@ class SelfTrainStage(Stage):
         }
 
     def _reset_shard(self) -> None:
-        self._pixels = {"from_model": 0, "from_gt": 0, "ignore": 0}
+        self._pixels = dict.fromkeys(PIXEL_COUNTS, 0)
         self._quality: Any = None
 
-    def _account(self, label: np.ndarray, gt: np.ndarray | None, from_model: np.ndarray) -> dict[str, int]:
+    def _account(self, label: np.ndarray, gt: np.ndarray | None, targets: np.ndarray) -> dict[str, int]:
         """Add one image to the shard's pixel counts and, when it has GT, to the label-quality matrix.
 
         Returns:
-            The image's pixel counts {"from_model", "from_gt", "ignore"}.
+            The image's pixel counts: "from_model" (targets labelled by the model), "rejected" (targets left
+            ignore by the threshold), "from_gt" (seen GT copied), "ignore" (all ignore pixels, rejected included).
         """
         from pipeline.metrics import ConfusionMatrix
 
         ignore = self.vocab.ignore_index
-        labelled, by_model = int((label != ignore).sum()), int(from_model.sum())
-        pixels = {"from_model": by_model, "from_gt": labelled - by_model, "ignore": int(label.size - labelled)}
+        labelled = label != ignore
+        from_model = targets & labelled
+        by_model, num_labelled = int(from_model.sum()), int(labelled.sum())
+        pixels = {"from_model": by_model, "rejected": int((targets & ~labelled).sum()),
+                  "from_gt": num_labelled - by_model, "ignore": int(label.size - num_labelled)}
         for name, count in pixels.items():
             self._pixels[name] += count
         if gt is not None:
@@ -339,7 +344,7 @@ class SelfTrainStage(Stage):
 
         from pipeline.metrics import ConfusionMatrix, compute_metrics, to_json
 
-        pixels = {"from_model": 0, "from_gt": 0, "ignore": 0}
+        pixels = dict.fromkeys(PIXEL_COUNTS, 0)
         quality = None
         for marker in done:
             for name, count in marker.extra.get("pixels", {}).items():

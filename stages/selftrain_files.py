@@ -11,14 +11,25 @@ PRODUCER = "selftrain"
 
 
 def encode_image(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:
-    """[H, W, 3] uint8 RGB (or [H, W] uint8/uint16 ids for "png") as JPEG or PNG bytes (PIL, no metadata)."""
+    """[H, W, 3] uint8 RGB as JPEG (quality `quality`, 4:4:4 chroma) or PNG bytes (PIL, no metadata)."""
     from PIL import Image
 
     buffer = io.BytesIO()
     if fmt == "jpg":
-        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+        Image.fromarray(image).save(buffer, format="JPEG", quality=quality, subsampling=0)
     else:
         Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_label_png(label: np.ndarray) -> bytes:
+    """PNG bytes of an [H, W] uint8 (mode L) or uint16 (mode I;16) label map; values are kept exactly."""
+    from PIL import Image
+
+    if label.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"label maps are uint8 or uint16, got {label.dtype}")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(label)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

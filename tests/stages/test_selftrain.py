@@ -166,11 +166,12 @@ def test_process_batch_writes_schema_files_with_policy_labels_and_quality(monkey
         assert meta["schema"] == "pseudolabel/1" and meta["models"]["model"] == "fp-model"
         assert meta["config"]["policy"] == "maskclip_plus" and meta["config"]["protocol"]["knn_postprocess"] is False
         unseen_pixels = int(np.isin(gt, [5, 9, 10]).sum())
-        assert meta["pixels"] == {"from_model": unseen_pixels, "from_gt": gt.size - unseen_pixels, "ignore": 0}
+        assert meta["pixels"] == {"from_model": unseen_pixels, "rejected": 0, "from_gt": gt.size - unseen_pixels,
+                                  "ignore": 0}
         for cls in (5, 9, 10):
             quality[cls, 9] += int((gt == cls).sum())
     assert np.array_equal(np.asarray(stage.end_shard()["quality"]["matrix"]), quality)
-    assert stage.end_shard() == {"pixels": {"from_model": 0, "from_gt": 0, "ignore": 0}}  # reset after a shard
+    assert stage.end_shard() == {"pixels": {"from_model": 0, "rejected": 0, "from_gt": 0, "ignore": 0}}  # reset
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
@@ -234,3 +235,29 @@ def test_end_to_end_through_the_runner(tmp_path, monkeypatch):
     assert report["pixels"]["from_model"] == unseen_pixels
     assert output.manifest["selftrain"]["quality_file"] == "selftrain_quality.json"
     assert run(compose("demo", overrides))[1].status == "up to date"
+
+
+def test_label_png_keeps_uint16_ids_exactly():
+    from pipeline.data.images import read_label_png
+    from stages.selftrain_files import encode_label_png
+
+    label = np.array([[0, 300], [65535, 171]], dtype=np.uint16)
+    np.testing.assert_array_equal(read_label_png(encode_label_png(label)), label)
+    with pytest.raises(ValueError, match="uint8 or uint16"):
+        encode_label_png(label.astype(np.int64))
+
+
+def test_image_format_none_keeps_only_a_reference(monkeypatch):
+    out = run_stage(monkeypatch, make_stage(image_format="none", class_masks=False), TOY_LOGITS)[0]
+    assert sorted(out.files) == ["gt.png", "json", "label.png", "masks.json"]
+    assert json.loads(out.files["masks.json"]) == []
+    assert json.loads(out.files["json"])["source"] == "toyworld://train/0?size=32&seed=0"
+
+
+def test_threshold_rejections_are_counted_and_leave_ignore(monkeypatch):
+    stage = make_stage(policy="all_pixels", threshold=0.8)  # water's softmax score is e^4 / sum = 0.741
+    out = run_stage(monkeypatch, stage, TOY_LOGITS)[0]
+    assert np.all(decode_png(out.files["label.png"]) == 255) and json.loads(out.files["masks.json"]) == []
+    assert json.loads(out.files["json"])["pixels"] == {"from_model": 0, "rejected": 1024, "from_gt": 0,
+                                                       "ignore": 1024}
+    assert stage.end_shard()["pixels"]["rejected"] == 2 * 1024
