@@ -1,0 +1,439 @@
+"""Pseudo-labels from CLIP and SAM without human labels (Seifi et al. "FMbSeg" Stage 1; ZSSeg's crop labeller).
+
+For each image and a vocabulary of M classes (text features T [M, D], one template "a photo of a {}." by default):
+
+1. **High-resolution CLIP features.** The image (short side resized to `image_short_side`) is cut into `crop` x
+   `crop` windows every `stride` pixels; each window yields MaskCLIP patch features (assembled into one map
+   [D, Hp, Wp] over the image) and its CLS embedding (`pipeline.models.clip`).
+2. **Class presence** (`present_classes`). Each crop votes for the class whose text feature is most similar to its
+   CLS embedding; a class is present when it gets more than `min_crops` votes.
+3. **Stage 1.1** (`point_prompts`). For each present class the `top_k` patches most similar to its text feature
+   give their centres (XY pixels) as point prompts to SAM, passed together; of SAM's 3 multimask outputs the one
+   with the highest predicted IoU is kept and gets the class.
+4. **Stage 1.2.** SAM's automatic masks, kept when area >= `min_mask_area` and predicted IoU >=
+   `min_predicted_iou`, are labelled among the present classes either by the mean dense CLIP feature inside the
+   mask (`label_masks_by_dense_features`, Seifi et al.) or, with ``labeler=crop``, ZSSeg's way
+   (`label_masks_by_crops`: bounding-box crop, outside filled with CLIP's mean colour, square bicubic resize to
+   CLIP's input side, CLIP image encoder).
+5. **Merge** (`merge`). ``stage11_first``: stage 1.1 labels win where masks overlap and stage 1.2 fills pixels
+   1.1 left uncovered (methods-spec §6.2's reading); ``highest_score``: every pixel takes the mask with the highest
+   SAM predicted IoU. Inside one producer, overlapping masks also resolve by highest score (first mask on ties).
+   Uncovered pixels are ignore (255, or 65535 for > 255 classes).
+
+Choices where the paper is silent (its appendix is unavailable; see methods-spec §3.1): `crop` = CLIP's native
+input side and `stride` = half of it, `image_short_side` = 448, `min_crops` = 1 (a class needs >= 2 crops),
+`min_mask_area` = 100 pixels, `min_predicted_iou` = 0.88 (SAM's own default), and the mask score stored with every
+mask is SAM's predicted IoU for both producers (so ``highest_score`` compares like with like). An image where no
+class is present gets an all-ignore label map. When the input has ground truth, both producers always run, so the
+quality report can compare 1.1, 1.2 and the merge in one run (see `stages.pseudolabel_output`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+import numpy as np
+
+from pipeline.data.records import ImageRecord, ItemRef
+from pipeline.data.vocab import Vocabulary
+from pipeline.metrics import to_json
+from pipeline.shards import SampleOutput, ShardDone, join
+from pipeline.stage import ShardPlan, Stage
+from stages.pseudolabel_config import (
+    METHOD_KNOBS,
+    SCHEMA,
+    PseudoLabelConfig,
+    checked_adapter,
+    checked_templates,
+    checked_vocab,
+    clip_identity,
+    sam_identity,
+)
+from stages.pseudolabel_models import ClipCanvas, generate_from_embeddings, prepare_canvas, sliding_features
+from stages.pseudolabel_output import (
+    QUALITY_FILE,
+    SAMPLE_FILES,
+    QualityAccumulator,
+    mask_record,
+    merge_quality,
+    sample_files,
+    summarize_quality,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.models.clip import Clip
+    from pipeline.models.sam import SamImageEmbeddings
+    from pipeline.models.sliding import SlidingFeatures
+
+POLICIES = ("stage11_first", "highest_score")
+
+
+@dataclass
+class LabelledMask:
+    """One class-labelled binary mask.
+
+    Attributes:
+        mask: bool [H, W] at the original image resolution.
+        category_id: train id of the class.
+        score: SAM's predicted IoU of the mask.
+        producer: "stage11" or "stage12".
+        rle: COCO RLE of `mask` (counts str) when already known (automatic masks), else None.
+    """
+
+    mask: np.ndarray
+    category_id: int
+    score: float
+    producer: str
+    rle: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def present_classes(crop_cls: np.ndarray, text: np.ndarray, min_crops: int) -> np.ndarray:
+    """Classes present in an image by per-crop CLS voting.
+
+    Args:
+        crop_cls: float [C, D] L2-normalised CLS embeddings of the C sliding-window crops.
+        text: float [M, D] L2-normalised class text features.
+        min_crops: a class is present when it wins strictly more than this many crops.
+
+    Returns:
+        int64 [K] sorted train ids of the present classes (K may be 0).
+    """
+    votes = np.argmax(np.asarray(crop_cls) @ np.asarray(text).T, axis=1)
+    counts = np.bincount(votes, minlength=text.shape[0])
+    return np.flatnonzero(counts > min_crops).astype(np.int64)
+
+
+def point_prompts(patch_sim: np.ndarray, top_k: int, patch_centers: np.ndarray,
+                  image_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """SAM point prompts: the centres of the `top_k` patches most similar to each class.
+
+    Args:
+        patch_sim: float [K, Hp, Wp] similarity of each patch feature to each of K classes' text features.
+        top_k: points per class (5 in Seifi et al.).
+        patch_centers: float [Hp, Wp, 2] patch centres as (x, y) continuous pixel coordinates of the original image
+            (pixel (r, c) spans [c, c+1) x [r, r+1)).
+        image_hw: (H, W); when given, patches whose centre lies outside the image (the padded border of the last
+            row/column) are never chosen.
+
+    Returns:
+        float32 [K, P, 2] (x, y) points, most similar first, P = min(top_k, number of eligible patches); ties go to
+        the patch that comes first in row-major order.
+    """
+    centers = np.asarray(patch_centers, dtype=np.float32).reshape(-1, 2)
+    sim = np.asarray(patch_sim, dtype=np.float64).reshape(patch_sim.shape[0], -1)
+    if image_hw is not None:
+        inside = (centers[:, 0] < image_hw[1]) & (centers[:, 1] < image_hw[0])
+        sim = np.where(inside[None, :], sim, -np.inf)
+        count = min(top_k, int(inside.sum()))
+    else:
+        count = min(top_k, sim.shape[1])
+    order = np.argsort(-sim, axis=1, kind="stable")[:, :count]
+    return centers[order]
+
+
+def mask_cell_weights(masks: np.ndarray, grid_hw: tuple[int, int], patch_stride_px: float) -> np.ndarray:
+    """Pixel counts of each mask in each patch cell.
+
+    A pixel (r, c) belongs to the cell containing its centre: row floor((r + 0.5) / s), column floor((c + 0.5) / s),
+    with s = `patch_stride_px`, clipped to the grid.
+
+    Args:
+        masks: bool [N, H, W].
+        grid_hw: (Hp, Wp) patch grid.
+        patch_stride_px: cell side in original-image pixels.
+
+    Returns:
+        float64 [N, Hp * Wp] row-major cell counts.
+    """
+    height, width = masks.shape[1:]
+    rows = np.minimum(((np.arange(height) + 0.5) / patch_stride_px).astype(np.int64), grid_hw[0] - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) / patch_stride_px).astype(np.int64), grid_hw[1] - 1)
+    cell = (rows[:, None] * grid_hw[1] + cols[None, :]).ravel()
+    cells = grid_hw[0] * grid_hw[1]
+    return np.stack([np.bincount(cell[m.ravel()], minlength=cells) for m in masks]).astype(np.float64)
+
+
+def label_masks_by_dense_features(masks: np.ndarray, features: np.ndarray, patch_stride_px: float,
+                                  text: np.ndarray, class_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Seifi et al. stage 1.2 labelling: mean dense CLIP feature inside each mask vs the present classes.
+
+    The mean is over the mask's pixels, each taking the feature of its patch cell (`mask_cell_weights`), i.e. the
+    nearest-neighbour upsampled feature map averaged over the mask; it is L2-normalised before the cosine.
+
+    Args:
+        masks: bool [N, H, W], each with at least one pixel.
+        features: float [D, Hp, Wp] dense CLIP features.
+        patch_stride_px: patch cell side in original-image pixels.
+        text: float [K, D] L2-normalised text features of the K present classes.
+        class_ids: int [K] train ids of those classes.
+
+    Returns:
+        (int64 [N] train ids, float32 [N] cosine similarity to the chosen class).
+    """
+    dim, grid_h, grid_w = features.shape
+    weights = mask_cell_weights(masks, (grid_h, grid_w), patch_stride_px)
+    mean = weights @ features.reshape(dim, -1).T.astype(np.float64) / weights.sum(axis=1, keepdims=True)
+    mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    sim = mean @ np.asarray(text, dtype=np.float64).T
+    best = np.argmax(sim, axis=1)
+    return np.asarray(class_ids, dtype=np.int64)[best], sim[np.arange(len(best)), best].astype(np.float32)
+
+
+def mask_crop(image: np.ndarray, mask: np.ndarray, fill_rgb: Sequence[int]) -> np.ndarray:
+    """ZSSeg's masked crop: the mask's tight bounding box, pixels outside the mask set to `fill_rgb`.
+
+    Args:
+        image: uint8 [H, W, 3] RGB.
+        mask: bool [H, W] with at least one pixel.
+        fill_rgb: fill colour (ZSSeg: CLIP's mean colour, 255 * (0.4815, 0.4578, 0.4082)).
+
+    Returns:
+        uint8 [h, w, 3], h x w = the box size in pixels (expand ratio 1.0).
+    """
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    crop = image[y0:y1, x0:x1].copy()
+    crop[~mask[y0:y1, x0:x1]] = np.asarray(fill_rgb, dtype=np.uint8)
+    return crop
+
+
+def label_masks_by_crops(image: np.ndarray, masks: np.ndarray, clip: Clip, text: torch.Tensor,
+                         class_ids: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """ZSSeg stage C labelling: CLIP image embedding of each masked crop vs the present classes.
+
+    Each `mask_crop` (fill = CLIP's mean colour) is resized to CLIP's square input side (bicubic; 224 for
+    ViT-B/16), normalised, encoded; logits = 100 * cos against the text features, softmax over the K classes.
+
+    Args:
+        image: uint8 [H, W, 3] RGB.
+        masks: bool [N, H, W], each non-empty.
+        clip: the CLIP wrapper.
+        text: float [K, D] text features of the present classes.
+        class_ids: int [K] their train ids.
+        batch_size: crops per image-encoder call (does not change results).
+
+    Returns:
+        (int64 [N] train ids, float32 [N] softmax probability of the chosen class).
+    """
+    import torch
+
+    fill = [round(255 * m) for m in clip.mean]
+    probs = []
+    for start in range(0, len(masks), batch_size):
+        chunk = masks[start:start + batch_size]
+        crops = [clip.preprocess(mask_crop(image, m, fill), size=clip.image_size) for m in chunk]
+        probs.append(torch.softmax(clip.classify_crops(torch.cat(crops), text), dim=1).cpu().numpy())
+    prob = np.concatenate(probs) if probs else np.zeros((0, len(class_ids)), np.float32)
+    best = np.argmax(prob, axis=1)
+    return np.asarray(class_ids, dtype=np.int64)[best], prob[np.arange(len(best)), best].astype(np.float32)
+
+
+def keep_automatic_mask(record: dict[str, Any], min_area: int, min_predicted_iou: float) -> bool:
+    """Seifi et al.'s stage 1.2 filter on one SAM automatic-mask record (``area`` pixels, ``predicted_iou``)."""
+    return record["area"] >= min_area and record["predicted_iou"] >= min_predicted_iou
+
+
+def paint(masks: Sequence[LabelledMask], hw: tuple[int, int], ignore_index: int,
+          dtype: type[np.unsignedinteger] = np.uint8) -> tuple[np.ndarray, np.ndarray]:
+    """Label map of overlapping masks where each pixel takes the highest-scoring mask (the first on ties).
+
+    Returns:
+        (label [H, W] `dtype`, ignore_index where no mask; score float64 [H, W], -inf where no mask).
+    """
+    label = np.full(hw, ignore_index, dtype=dtype)
+    best = np.full(hw, -np.inf)
+    for item in masks:
+        wins = item.mask & (item.score > best)
+        label[wins] = item.category_id
+        best[wins] = item.score
+    return label, best
+
+
+def merge(stage11: Sequence[LabelledMask], stage12: Sequence[LabelledMask], hw: tuple[int, int], policy: str,
+          ignore_index: int = 255, dtype: type[np.unsignedinteger] = np.uint8) -> np.ndarray:
+    """Combine stage 1.1 and stage 1.2 masks into one label map.
+
+    Args:
+        stage11: point-prompted masks.
+        stage12: labelled automatic masks.
+        hw: (H, W) of the image.
+        policy: ``stage11_first`` (1.1 wherever it labels, 1.2 on the rest) or ``highest_score`` (per pixel, the
+            mask with the highest score of either producer; 1.1 first on ties).
+        ignore_index: value of unlabelled pixels.
+        dtype: label dtype (``vocab.label_dtype``).
+
+    Returns:
+        `dtype` [H, W] train ids, `ignore_index` where no mask covers the pixel.
+    """
+    if policy == "highest_score":
+        return paint([*stage11, *stage12], hw, ignore_index, dtype)[0]
+    if policy != "stage11_first":
+        raise ValueError(f"merge policy must be one of {POLICIES}, got {policy!r}")
+    first = paint(stage11, hw, ignore_index, dtype)[0]
+    rest = paint(stage12, hw, ignore_index, dtype)[0]
+    return np.where(first != ignore_index, first, rest).astype(dtype)
+
+
+@dataclass
+class Loaded:
+    """A decoded input (prefetch thread): the record and, when it loaded, its CLIP canvas."""
+
+    record: ImageRecord
+    canvas: ClipCanvas | None = None
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    from pipeline.models.sam import mask_to_rle
+
+    return mask_to_rle(mask)
+
+
+class PseudoLabelStage(Stage):
+    """CLIP + SAM pseudo-labels for every image of `data` (schema "pseudolabel/1", docs/schema.md)."""
+
+    kind = "pseudolabel"
+    code_version = "1"
+    schema = SCHEMA
+    uses_models = True
+    Config = PseudoLabelConfig
+
+    def __init__(self, context) -> None:  # noqa: ANN001 - StageContext, see Stage
+        super().__init__(context)
+        self.vocab: Vocabulary = checked_vocab(self.cfg, context.node)
+        self.templates = checked_templates(self.cfg, context.node)
+        self.adapter = checked_adapter(self.cfg, self.vocab, context.node)
+        self.quality = QualityAccumulator(self.vocab)
+        self.mask_counts = {"stage11": 0, "stage12": 0}
+
+    def identities(self) -> dict[str, str]:
+        return {"vocab": self.vocab.digest(), "clip": clip_identity(self.cfg.clip), "sam": sam_identity(self.cfg.sam)}
+
+    def plan(self) -> list[ShardPlan]:
+        refs, per = self.adapter.list_items(), self.cfg.samples_per_shard
+        return [ShardPlan(i, tuple(refs[start:start + per])) for i, start in enumerate(range(0, len(refs), per))]
+
+    def item_key(self, item: Any) -> str:
+        return item.record.key if isinstance(item, Loaded) else item.key
+
+    def setup(self) -> None:
+        from pipeline.models.clip import Clip, ClipConfig
+        from pipeline.models.sam import AmgConfig, Sam, SamConfig
+
+        self.clip = Clip.build(ClipConfig(**self.cfg.clip))
+        self.sam = Sam.build(SamConfig(**self.cfg.sam))
+        self.amg = AmgConfig(**self.cfg.amg)
+        self.crop = self.cfg.crop or self.clip.image_size
+        patch = self.clip.patch_size
+        self.stride = self.cfg.stride or max(patch, self.crop // 2 // patch * patch)
+        names = self.vocab.prompt_names(self.cfg.name_variant)
+        self.text = self.clip.encode_text(names, self.templates)
+
+    def load(self, item: ItemRef) -> Loaded:
+        record = self.adapter.load(item)
+        if not record.ok:
+            return Loaded(record)
+        return Loaded(record, prepare_canvas(self.clip, record.image, self.crop, self.stride,
+                                             self.cfg.image_short_side))
+
+    def process_batch(self, loaded: Sequence[Loaded]) -> list[SampleOutput]:
+        good = [item for item in loaded if item.record.ok]
+        outputs = {item.record.key: SampleOutput(item.record.key, None, item.record.meta.get("source", ""),
+                                                 error=item.record.error) for item in loaded if not item.record.ok}
+        if good:
+            features = sliding_features(self.clip, [item.canvas for item in good])
+            embeddings = self.sam.embed_images([item.record.image for item in good])
+            for index, (item, feats) in enumerate(zip(good, features, strict=True)):
+                outputs[item.record.key] = self._sample(item.record, feats, embeddings, index)
+        return [outputs[item.record.key] for item in loaded]
+
+    def _sample(self, record: ImageRecord, feats: SlidingFeatures, embeddings: SamImageEmbeddings,
+                index: int) -> SampleOutput:
+        cfg, image = self.cfg, record.image
+        text = self.text.cpu().numpy()
+        present = present_classes(feats.crop_cls.cpu().numpy(), text, cfg.min_crops)
+        has_gt = record.label is not None
+        run11 = present.size > 0 and (cfg.mode != "stage12" or has_gt)
+        run12 = present.size > 0 and (cfg.mode != "stage11" or has_gt)
+        stage11 = self._stage11(feats, embeddings, index, text, present) if run11 else []
+        stage12 = self._stage12(image, feats, embeddings, index, text, present) if run12 else []
+        hw, ignore, dtype = image.shape[:2], self.vocab.ignore_index, self.vocab.label_dtype
+        chosen = {"stage11": (stage11, []), "stage12": ([], stage12), "both": (stage11, stage12)}[cfg.mode]
+        label = merge(*chosen, hw, cfg.merge_policy, ignore, dtype)
+        if has_gt:
+            self.quality.update(record.label, {"stage11": paint(stage11, hw, ignore, dtype)[0],
+                                               "stage12": paint(stage12, hw, ignore, dtype)[0],
+                                               "merged": merge(stage11, stage12, hw, cfg.merge_policy, ignore, dtype)})
+        kept = [*chosen[0], *chosen[1]]
+        for item in kept:
+            self.mask_counts[item.producer] += 1
+        masks = [mask_record(item.rle or _rle(item.mask), item.category_id, item.score, item.producer)
+                 for item in kept]
+        gt = record.label if has_gt and cfg.keep_ground_truth else None
+        files = sample_files(image, cfg.image_format, label, masks, gt, self._provenance(record, present, kept))
+        return SampleOutput(record.key, files, record.meta.get("source", ""))
+
+    def _stage11(self, feats: SlidingFeatures, embeddings: SamImageEmbeddings, index: int, text: np.ndarray,
+                 present: np.ndarray) -> list[LabelledMask]:
+        features = feats.features.cpu().numpy()
+        sim = np.einsum("kd,dhw->khw", text[present], features)
+        prompts = point_prompts(sim, self.cfg.top_k, feats.centers(), feats.image_hw)
+        results = self.sam.decode_points(embeddings, index, list(prompts), multimask=True)
+        kept = []
+        for class_id, (masks, scores) in zip(present, results, strict=True):
+            best = int(np.argmax(scores))
+            if masks[best].any():
+                kept.append(LabelledMask(masks[best], int(class_id), float(scores[best]), "stage11"))
+        return kept
+
+    def _stage12(self, image: np.ndarray, feats: SlidingFeatures, embeddings: SamImageEmbeddings, index: int,
+                 text: np.ndarray, present: np.ndarray) -> list[LabelledMask]:
+        records = [r for r in generate_from_embeddings(self.sam, embeddings, index, image, self.amg)
+                   if keep_automatic_mask(r, max(1, self.cfg.min_mask_area), self.cfg.min_predicted_iou)]
+        if not records:
+            return []
+        from pipeline.models.sam import rle_to_mask
+
+        masks = np.stack([rle_to_mask(r["segmentation"]) for r in records])
+        if self.cfg.labeler == "crop":
+            ids, _ = label_masks_by_crops(image, masks, self.clip, self.text[present], present,
+                                          self.clip.cfg.image_batch_size)
+        else:
+            ids, _ = label_masks_by_dense_features(masks, feats.features.cpu().numpy(), feats.patch_stride_px,
+                                                   text[present], present)
+        return [LabelledMask(m, int(c), float(r["predicted_iou"]), "stage12", r["segmentation"])
+                for m, c, r in zip(masks, ids, records, strict=True)]
+
+    def _provenance(self, record: ImageRecord, present: np.ndarray, kept: list[LabelledMask]) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"schema": SCHEMA, "key": record.key, "source": record.meta.get("source", ""),
+                "dataset": record.meta.get("dataset"), "orig_size": list(record.image.shape[:2]),
+                "notes": record.meta.get("notes", []), "vocab": self.vocab.name, "vocab_digest": self.vocab.digest(),
+                "models": {"clip": self.clip.identity, "sam": self.sam.identity},
+                "config": {**{k: getattr(cfg, k) for k in METHOD_KNOBS}, "crop": self.crop, "stride": self.stride},
+                "present_classes": present.tolist(),
+                "num_masks": {p: sum(m.producer == p for m in kept) for p in ("stage11", "stage12")}}
+
+    def end_shard(self) -> dict[str, Any]:
+        extra = {"quality": self.quality.pop(), "num_masks": self.mask_counts}
+        self.mask_counts = {"stage11": 0, "stage12": 0}
+        return extra
+
+    def finalize(self, done: list[ShardDone]) -> dict[str, Any]:
+        num_masks = {p: sum(d.extra.get("num_masks", {}).get(p, 0) for d in done) for p in ("stage11", "stage12")}
+        matrices = merge_quality(d.extra.get("quality") or {} for d in done)
+        if not matrices:
+            return {"num_masks": num_masks}
+        quality = {"vocab": self.vocab.name, "merge_policy": self.cfg.merge_policy,
+                   **summarize_quality(matrices, self.vocab.names)}
+        fs, path = fsspec.core.url_to_fs(self.context.output_url)
+        fs.pipe_file(join(path, QUALITY_FILE), to_json(quality).encode())
+        return {"num_masks": num_masks, "quality": json.loads(to_json(quality, indent=None))}
+
+    def manifest_extra(self) -> dict[str, Any]:
+        return {"vocab": self.vocab.to_dict(), "sample_files": SAMPLE_FILES}

@@ -1,0 +1,145 @@
+"""Sample files of schema "pseudolabel/1" and the label-quality bookkeeping of the pseudolabel stage.
+
+Quality (when the input has ground truth): for each of the label maps "stage11" (stage 1.1 alone), "stage12"
+(stage 1.2 alone) and "merged", one confusion matrix with M + 1 prediction columns accumulates over the dataset;
+column M counts "unlabelled" pixels (label 255/65535 in the pseudo-label map), GT-ignored pixels are left out.
+From it `summarize_quality` reports, per map:
+
+* ``coverage``: labelled valid-GT pixels / valid-GT pixels (percent);
+* ``mIoU_labelled``: mIoU of the M x M sub-matrix, i.e. over labelled pixels only (what a trainer that ignores
+  unlabelled pixels is taught);
+* ``mIoU_unlabelled_as_wrong``: mIoU where an unlabelled pixel is a miss of its GT class (IoU_c = TP / (GT_c +
+  PRED_c - TP) with GT_c including unlabelled pixels), i.e. the map scored as a full segmentation;
+* ``pAcc_labelled``, per-class IoUs of both kinds, and pixel counts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.metrics import ConfusionMatrix, compute_metrics
+
+if TYPE_CHECKING:
+    from pipeline.data.vocab import Vocabulary
+
+QUALITY_MAPS = ("stage11", "stage12", "merged")
+UNLABELLED = "<unlabelled>"
+QUALITY_FILE = "pseudolabel_quality.json"
+SAMPLE_FILES = {
+    "jpg|png": "the RGB image (absent with image_format=none; json.source then references it)",
+    "label.png": "uint8 train ids, 255 = unlabelled (uint16 / 65535 above 255 classes)",
+    "masks.json": "list of {segmentation (COCO RLE), category_id, score, producer, area, bbox XYWH}",
+    "gt.png": "ground-truth train ids in the same convention (when the input has GT and keep_ground_truth)",
+    "json": "provenance: schema, key, source, orig_size, vocab, vocab_digest, models, config, present_classes",
+}
+
+
+def encode_label_png(label: np.ndarray) -> bytes:
+    """PNG bytes of an [H, W] uint8 (mode L) or uint16 (mode I;16) label map; values are kept exactly."""
+    if label.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"label maps are uint8 or uint16, got {label.dtype}")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(label)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_image(image: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:
+    """JPEG (quality `jpeg_quality`, 4:4:4) or PNG bytes of an HxWx3 uint8 RGB image."""
+    buffer = io.BytesIO()
+    if image_format == "jpg":
+        Image.fromarray(image).save(buffer, format="JPEG", quality=jpeg_quality, subsampling=0)
+    else:
+        Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def mask_record(rle: Mapping[str, Any], category_id: int, score: float, producer: str) -> dict[str, Any]:
+    """One masks.json entry: COCO RLE (counts str), train id, score, producer, area (pixels), bbox XYWH (pixels).
+
+    ``bbox`` follows COCO (pycocotools ``toBbox``): the tight box with width = x_max - x_min + 1.
+    """
+    from pycocotools import mask as mask_utils
+
+    compressed = {"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")}
+    return {"segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]},
+            "category_id": int(category_id), "score": float(score), "producer": producer,
+            "area": int(mask_utils.area(compressed)), "bbox": [int(v) for v in mask_utils.toBbox(compressed)]}
+
+
+def sample_files(image: np.ndarray | None, image_format: str, label: np.ndarray, masks: Sequence[dict[str, Any]],
+                 gt: np.ndarray | None, provenance: Mapping[str, Any]) -> dict[str, bytes]:
+    """The files of one "pseudolabel/1" sample (see docs/schema.md): image, label.png, masks.json, gt.png, json."""
+    files = {"label.png": encode_label_png(label), "masks.json": json.dumps(list(masks)).encode(),
+             "json": json.dumps(provenance, sort_keys=True).encode()}
+    if image is not None and image_format != "none":
+        files[image_format] = encode_image(image, image_format)
+    if gt is not None:
+        files["gt.png"] = encode_label_png(gt)
+    return files
+
+
+class QualityAccumulator:
+    """Per-shard confusion matrices ([M+1] x [M+1], last column = unlabelled) of the three quality maps."""
+
+    def __init__(self, vocab: Vocabulary) -> None:
+        self.num_classes = vocab.num_classes
+        self.ignore_index = vocab.ignore_index
+        self.matrices: dict[str, ConfusionMatrix] = {}
+
+    def update(self, gt: np.ndarray, maps: Mapping[str, np.ndarray]) -> None:
+        """Add one image: `gt` [H, W] train ids (ignore_index = ignored), `maps` name -> [H, W] pseudo-labels."""
+        for name, label in maps.items():
+            pred = np.where(label == self.ignore_index, self.num_classes, label).astype(np.int64)
+            matrix = self.matrices.setdefault(name, ConfusionMatrix(self.num_classes + 1, self.ignore_index))
+            matrix.update(pred, gt.astype(np.int64))
+
+    def pop(self) -> dict[str, Any]:
+        """JSON-safe matrices (``ConfusionMatrix.to_dict``) accumulated so far, then reset."""
+        out = {name: matrix.to_dict() for name, matrix in self.matrices.items()}
+        self.matrices = {}
+        return out
+
+
+def merge_quality(parts: Iterable[Mapping[str, Any]]) -> dict[str, ConfusionMatrix]:
+    """Sum per-shard `QualityAccumulator.pop` dicts into one matrix per map name."""
+    merged: dict[str, ConfusionMatrix] = {}
+    for part in parts:
+        for name, data in part.items():
+            matrix = ConfusionMatrix.from_dict(data)
+            if name in merged:
+                merged[name].merge(matrix)
+            else:
+                merged[name] = matrix
+    return merged
+
+
+def summarize_quality(matrices: Mapping[str, ConfusionMatrix], names: Sequence[str]) -> dict[str, Any]:
+    """Coverage and both mIoUs (see module docstring) per quality map, in percent."""
+    num_classes = len(names)
+    summary: dict[str, Any] = {}
+    for name, cm in matrices.items():
+        full = cm.matrix
+        valid = int(full.sum())
+        labelled = int(full[:, :num_classes].sum())
+        with_unlabelled = compute_metrics(full, [*names, UNLABELLED])
+        per_class_wrong = {c: with_unlabelled["per_class_iou"][c] for c in names}
+        labelled_only = compute_metrics(full[:num_classes, :num_classes], list(names))
+        wrong_values = np.array(list(per_class_wrong.values()), dtype=np.float64)
+        summary[name] = {
+            "coverage": 100.0 * labelled / valid if valid else float("nan"),
+            "mIoU_labelled": labelled_only["mIoU"],
+            "mIoU_unlabelled_as_wrong": float(np.nanmean(wrong_values)) if (~np.isnan(wrong_values)).any()
+            else float("nan"),
+            "pAcc_labelled": labelled_only["pAcc"],
+            "per_class_iou_labelled": labelled_only["per_class_iou"],
+            "per_class_iou_unlabelled_as_wrong": per_class_wrong,
+            "num_valid_pixels": valid,
+            "num_labelled_pixels": labelled,
+        }
+    return summary
