@@ -33,6 +33,18 @@ def encode_label_png(label: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def class_scores(label: np.ndarray, scores: np.ndarray, ignore_index: int) -> np.ndarray:
+    """[C] float64: per class c, the mean of scores[c] over the pixels labelled c (NaN where none is)."""
+    labelled = label != ignore_index
+    ids = label[labelled].astype(np.int64)
+    own = np.take_along_axis(scores, np.where(labelled, label, 0).astype(np.int64)[None], axis=0)[0][labelled]
+    num_classes = scores.shape[0]
+    counts = np.bincount(ids, minlength=num_classes)
+    sums = np.bincount(ids, weights=own.astype(np.float64), minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts
+
+
 def class_regions(label: np.ndarray, scores: np.ndarray, ignore_index: int) -> list[dict[str, Any]]:
     """One `masks.json` entry per class present in `label`, in id order.
 
@@ -43,20 +55,22 @@ def class_regions(label: np.ndarray, scores: np.ndarray, ignore_index: int) -> l
 
     Returns:
         [{"segmentation": COCO RLE (counts str), "category_id", "score", "producer", "area" (pixels),
-        "bbox": [x, y, w, h] (pixels, inclusive extent)}].
+        "bbox": [x, y, w, h] (pixels; COCO `toBbox`, width = x_max - x_min + 1)}].
     """
+    from pycocotools import mask as mask_utils
+
     from pipeline.models.sam import mask_to_rle
 
+    means = class_scores(label, scores, ignore_index)
     regions = []
     for class_id in np.unique(label):
         if int(class_id) == ignore_index:
             continue
-        mask = label == class_id
-        ys, xs = np.nonzero(mask)
+        rle = mask_to_rle(label == class_id)
+        compressed = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
         regions.append({
-            "segmentation": mask_to_rle(mask), "category_id": int(class_id),
-            "score": round(float(scores[int(class_id)][mask].mean()), 6), "producer": PRODUCER,
-            "area": int(mask.sum()),
-            "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
+            "segmentation": rle, "category_id": int(class_id), "score": round(float(means[int(class_id)]), 6),
+            "producer": PRODUCER, "area": int(mask_utils.area(compressed)),
+            "bbox": [int(v) for v in mask_utils.toBbox(compressed)],
         })
     return regions

@@ -261,3 +261,13 @@ def test_threshold_rejections_are_counted_and_leave_ignore(monkeypatch):
     assert json.loads(out.files["json"])["pixels"] == {"from_model": 0, "rejected": 1024, "from_gt": 0,
                                                        "ignore": 1024}
     assert stage.end_shard()["pixels"]["rejected"] == 2 * 1024
+
+
+def test_class_regions_scores_areas_and_boxes_on_a_hand_made_map():
+    from stages.selftrain_files import class_regions
+
+    label = np.array([[1, 1, I], [I, 2, 1]], dtype=np.uint8)
+    regions = class_regions(label, SCORES, I)
+    assert [(r["category_id"], r["area"], r["bbox"]) for r in regions] == [(1, 3, [0, 0, 3, 2]), (2, 1, [1, 1, 1, 1])]
+    assert regions[0]["score"] == pytest.approx((0.10 + 0.50 + 0.10) / 3, abs=1e-6)
+    assert regions[1]["score"] == pytest.approx(0.20, abs=1e-6)
