@@ -141,7 +141,8 @@ class EvalStage(Stage):
         self.adapter = self._adapter()
         split = cfg.seen_ids_from_vocab and bool(self.eval_vocab.unseen_ids) and cfg.gt_filter is None
         self.unseen_ids = list(self.eval_vocab.unseen_ids) if split else None
-        self.seen_ids = list(self.eval_vocab.seen_ids) if cfg.seen_ids_from_vocab else []
+        penalised = cfg.seen_ids_from_vocab and bool(self.eval_vocab.unseen_ids)
+        self.seen_ids = list(self.eval_vocab.seen_ids) if penalised else []
         self._reset()
 
     def _eval_vocabulary(self) -> tuple[Vocabulary, np.ndarray | None]:
@@ -198,8 +199,8 @@ class EvalStage(Stage):
                               f"vocabulary {output.manifest['vocab'].get('name')!r}, not {self.vocab.name!r}")
         return index_keys(output)
 
-    def item_key(self, item: tuple[ItemRef, tuple]) -> str:
-        return item[0].key
+    def item_key(self, item: Loaded | tuple[ItemRef, tuple]) -> str:
+        return item.ref.key if isinstance(item, Loaded) else item[0].key
 
     # ----------------------------------------------------------------- workers
     def setup(self) -> None:
@@ -234,7 +235,15 @@ class EvalStage(Stage):
             yield Loaded(ref, self.adapter.load(ref), labels)
 
     def process_batch(self, loaded: Sequence[Loaded]) -> list[SampleOutput]:
-        return [self._evaluate(item) for item in loaded]
+        """One output per item. Never raises: the executor would re-run the batch item by item, and items that
+        had already been accumulated would then be counted twice."""
+        return [self._evaluate_safely(item) for item in loaded]
+
+    def _evaluate_safely(self, item: Loaded) -> SampleOutput:
+        try:
+            return self._evaluate(item)
+        except Exception as error:  # noqa: BLE001 - the sample's failure row; nothing of it was accumulated
+            return SampleOutput(item.ref.key, None, source=item.ref.source, error=f"{type(error).__name__}: {error}")
 
     def _evaluate(self, item: Loaded) -> SampleOutput:
         record, key, source = item.record, item.ref.key, item.ref.source
@@ -245,10 +254,9 @@ class EvalStage(Stage):
         gt = self._map_gt(record.label)
         preds = {spec.name: self._predict(spec, record.image, item.label_pngs.get(spec.name))
                  for spec in self.methods}
-        wrong = sorted(name for name, pred in preds.items() if pred is not None and pred.shape != gt.shape)
-        if wrong:
-            return SampleOutput(key, None, source=source,
-                                error=f"prediction of {wrong} does not match the GT size {list(gt.shape)}")
+        problem = self._check(preds, gt)
+        if problem:
+            return SampleOutput(key, None, source=source, error=problem)
         for name, pred in preds.items():
             self._accumulate(name, pred, gt)
         if len(self.report_keys) < self.cfg.num_report_samples:
@@ -262,6 +270,19 @@ class EvalStage(Stage):
         files["json"] = json.dumps(meta, sort_keys=True).encode()
         return SampleOutput(key, files, source=source)
 
+    def _check(self, preds: dict[str, np.ndarray | None], gt: np.ndarray) -> str | None:
+        """Why this sample cannot be accumulated (sizes, ids outside the eval vocabulary), or None."""
+        size, ignore = self.eval_vocab.num_classes, self.eval_vocab.ignore_index
+        for name, ids in (("ground truth", gt), *preds.items()):
+            if ids is None:
+                continue
+            if ids.shape != gt.shape:
+                return f"{name}: prediction size {list(ids.shape)} differs from the GT size {list(gt.shape)}"
+            bad = (ids != ignore) & ((ids < 0) | (ids >= size))
+            if bad.any():
+                return f"{name}: ids {np.unique(ids[bad])[:5].tolist()} outside the {size} eval classes"
+        return None
+
     def _map_gt(self, label: np.ndarray) -> np.ndarray:
         """Eval-vocabulary GT: [H, W] int64, ignore = `eval_vocab.ignore_index`."""
         label = np.asarray(label, dtype=np.int64)
@@ -274,9 +295,8 @@ class EvalStage(Stage):
         from pipeline.inference import predict
 
         predictor = self.predictors[spec.name]
-        seen = self.seen_ids if self.cfg.seen_ids_from_vocab else []
-        return predict(image, predictor.logits, self.protocols[spec.name], self.eval_vocab.num_classes, seen,
-                       self.device)
+        return predict(image, predictor.logits, self.protocols[spec.name], self.eval_vocab.num_classes,
+                       self.seen_ids, self.device)
 
     def _accumulate(self, name: str, pred: np.ndarray | None, gt: np.ndarray) -> None:
         ignore = self.eval_vocab.ignore_index

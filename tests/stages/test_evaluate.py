@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,32 +175,55 @@ def test_unseen_only_scores_unseen_gt_pixels_with_the_unseen_words(tmp_path, ora
     assert set(oracle["per_class_iou"]) == {"tree", "dog", "boat"} and "mIoU(U)" not in oracle
 
 
-def test_labels_method_scores_labelled_pixels_and_reports_coverage_and_missing(tmp_path, oracle_kind):
-    adapter, vocab = build_adapter(TOY_DATA), load_vocab("toy")
-    refs = adapter.list_items()
-    samples, labelled, valid = [], 0, 0
-    for ref in refs[:4]:  # the 5th image has no pseudo-label upstream
+def write_upstream_labels(directory: Path, labels: dict[str, np.ndarray]) -> StageOutput:
+    """A finished pseudolabel-like stage output (2 samples per shard) holding `label.png` per key."""
+    import fsspec
+
+    fs, items = fsspec.filesystem("file"), list(labels.items())
+    samples = [SampleOutput(key, {"label.png": png_bytes(label, np.uint8), "json": b"{}"}) for key, label in items]
+    done = [commit_shard(fs, str(directory), i, samples[start:start + 2], "fp")
+            for i, start in enumerate(range(0, len(samples), 2))]
+    manifest = {"fingerprint": "fp", "shards": [{"name": f"{d.shard}.tar"} for d in done],
+                "num_samples": len(samples), "num_failed": 0, "vocab": load_vocab("toy").to_dict()}
+    write_stage_index(fs, str(directory), manifest, done)
+    return StageOutput(str(directory))
+
+
+def labels_stage(tmp_path: Path, upstream: StageOutput, **overrides) -> EvalStage:
+    config = toy_config(inputs={"pseudo": "pseudolabel"},
+                        methods=[{"name": "pseudo", "kind": "labels", "input": "pseudo"}], **overrides)
+    return make_stage(tmp_path, config, upstream={"pseudo": upstream})
+
+
+def test_labels_method_scores_labelled_pixels_and_reports_coverage_and_missing(tmp_path):
+    adapter = build_adapter(TOY_DATA)
+    labels, labelled, valid = {}, 0, 0
+    for ref in adapter.list_items()[:4]:  # the 5th image has no pseudo-label upstream
         label = adapter.load(ref).label.copy()
         valid += int((label != 255).sum())
         label[: label.shape[0] // 2] = 255  # top half unlabelled; the rest exactly right
         labelled += int((label != 255).sum())
-        samples.append(SampleOutput(ref.key, {"label.png": png_bytes(label, np.uint8), "json": b"{}"}))
-    up_dir = tmp_path / "pseudolabel" / "fp"
-    import fsspec
-
-    fs = fsspec.filesystem("file")
-    done = [commit_shard(fs, str(up_dir), i, samples[2 * i:2 * i + 2], "fp") for i in range(2)]
-    manifest = {"fingerprint": "fp", "shards": [{"name": f"{d.shard}.tar"} for d in done], "num_samples": 4,
-                "num_failed": 0, "vocab": vocab.to_dict()}
-    write_stage_index(fs, str(up_dir), manifest, done)
-    config = toy_config(inputs={"pseudo": "pseudolabel"},
-                        methods=[{"name": "pseudo", "kind": "labels", "input": "pseudo"}])
-    stage = make_stage(tmp_path, config, upstream={"pseudo": StageOutput(str(up_dir))})
+        labels[ref.key] = label
+    stage = labels_stage(tmp_path, write_upstream_labels(tmp_path / "pseudolabel" / "fp", labels))
     _, extra = run_stage(stage)
     metrics = read_metrics(stage)["methods"]["pseudo"]
     assert metrics["mIoU"] == pytest.approx(100.0) and metrics["num_pixels"] == labelled
     assert metrics["coverage"] == pytest.approx(100.0 * labelled / valid) and metrics["missing_samples"] == 1
     assert extra["metrics"]["pseudo"]["missing_samples"] == 1
+
+
+def test_a_bad_sample_fails_alone_and_is_never_counted_twice(tmp_path):
+    adapter = build_adapter(TOY_DATA)
+    first, second = (adapter.load(ref) for ref in adapter.list_items()[:2])
+    broken = second.label.copy()
+    broken[0, 0] = 200  # not a toy class
+    upstream = write_upstream_labels(tmp_path / "pseudolabel" / "fp", {first.key: first.label, second.key: broken})
+    stage = labels_stage(tmp_path, upstream, max_images=2)
+    done, _ = run_stage(stage)  # batch size 2: both images in one process_batch call
+    assert [(d.count, d.failed) for d in done] == [(1, 1)]
+    assert read_metrics(stage)["methods"]["pseudo"]["num_pixels"] == int((first.label != 255).sum())
+    rows = pq.read_table(Path(stage.context.output_url) / "000000.parquet").to_pylist()
+    assert rows[1]["status"] == "failed" and "[200] outside the 12 eval classes" in rows[1]["error"]
 
 
 def test_report_and_metrics_files(tmp_path, oracle_kind):
@@ -244,3 +270,24 @@ def test_unseen_only_needs_a_split(tmp_path, shared_data, oracle_kind):
     data = {"kind": "camvid", "root": str(shared_data / "camvid"), "split": "val"}
     with pytest.raises(ConfigError, match="no unseen classes"):
         make_stage(tmp_path, toy_config(vocab="camvid_11", data=data, gt_filter="unseen_only"))
+
+
+def test_trained_methods_get_knn_from_the_protocol_unless_they_set_it(tmp_path, monkeypatch):
+    calls = []
+
+    def load_predictor(output, vocab, device, knn):
+        calls.append((output, vocab.name, device, knn))
+        return ColourModel("trained", vocab.num_classes + (1 if output == "wrong" else 0))
+
+    monkeypatch.setitem(sys.modules, "stages.train", types.SimpleNamespace(load_predictor=load_predictor))
+    methods = [{"name": "ifseg", "kind": "trained", "input": "model"},  # ifseg preset: knn_postprocess true
+               {"name": "ifseg_plus", "kind": "trained", "input": "model", "knn": False},
+               {"name": "zegclip", "kind": "trained", "input": "model", "protocol": "zegclip"}]
+    config = toy_config(inputs={"model": "train_ifseg"}, methods=methods, device="cpu")
+    stage = make_stage(tmp_path, config, upstream={"model": "output"})
+    assert [spec.protocol_cfg["knn_postprocess"] for spec in stage.methods] == [True, False, False]
+    stage.setup()
+    assert calls == [("output", "toy", "cpu", True), ("output", "toy", "cpu", False), ("output", "toy", "cpu", False)]
+    wrong = make_stage(tmp_path, config, upstream={"model": "wrong"})
+    with pytest.raises(ValueError, match="predicts 13 classes"):
+        wrong.setup()
