@@ -23,6 +23,8 @@ Choices where the sources are silent:
     * Label quality (`selftrain_quality.json`) compares only model-labelled pixels with GT: GT-copied seen
       pixels are trivially right and would inflate it (the issue #18 artefact).
     * Adapters without a split (image folders, existing shards) pass the guard: their split cannot be known.
+    * The protocol's seen-class penalty is applied to the scores (it can only change `all_pixels`, since the
+      other policies let only unseen classes compete), and thresholds see the penalised scores.
 """
 
 from __future__ import annotations
