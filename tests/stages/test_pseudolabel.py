@@ -4,17 +4,12 @@ images, checkpoints, and the stage end to end on real CamVid images with tiny ra
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
-import struct
-import tarfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.models.sliding import patch_centers

@@ -1,0 +1,234 @@
+"""Pseudolabel stage with tiny random-weight CLIP/SAM: batched plumbing vs the per-image wrappers, sample
+contents, bad images, checkpoints, and the stage end to end on real CamVid images through the runner."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.models.clip import Clip
+from pipeline.models.sam import AmgConfig, Sam, rle_to_mask
+from pipeline.stage import StageContext
+from stages.pseudolabel import LabelledMask, PseudoLabelStage, label_masks_by_crops, mask_crop, merge
+from stages.pseudolabel_models import generate_from_embeddings, prepare_canvas, sliding_features
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TINY = {"vocab": "toy", "clip": {"model_name": "toy-vit"}, "sam": {"model_type": "toy"}, "crop": 64, "stride": 32,
+        "image_short_side": 64, "min_crops": 0, "min_mask_area": 1, "min_predicted_iou": 0.0,
+        "amg": {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cached_models() -> object:
+    """Build each tiny model once per module: `Clip.build` / `Sam.build` return cached instances per config."""
+    builders = {Clip: Clip.build.__func__, Sam: Sam.build.__func__}
+    cache: dict[tuple, object] = {}
+    patch = pytest.MonkeyPatch()
+    for cls, build in builders.items():
+        def cached(klass: type, cfg: object, build: object = build) -> object:
+            key = (klass.__name__, repr(cfg))
+            if key not in cache:
+                cache[key] = build(klass, cfg)
+            return cache[key]
+        patch.setattr(cls, "build", classmethod(cached))
+    yield cache
+    patch.undo()
+
+
+def ready_stage(tmp_path: Path, **overrides: object) -> PseudoLabelStage:
+    config = {**TINY, "data": {"kind": "toyworld", "num_images": 3, "size": 64}, **overrides}
+    stage = PseudoLabelStage(StageContext(node="pl", seed=0, config=config, output_url=str(tmp_path)))
+    stage.setup()
+    return stage
+
+
+def run_items(stage: PseudoLabelStage, items: list) -> list:
+    return stage.process_batch([stage.load(item) for item in items])
+
+
+def _image(height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def test_crops_of_several_images_share_encoder_calls_without_changing_features(tmp_path: Path) -> None:
+    stage = ready_stage(tmp_path)
+    clip = stage.clip
+    images = [_image(50, 70, 0), _image(90, 40, 1)]
+    canvases = [prepare_canvas(clip, image, 64, 32, 48) for image in images]
+    for image, feats in zip(images, sliding_features(clip, canvases), strict=True):
+        ref = clip.sliding_dense(image, 64, 32, 48 / min(image.shape[:2]))
+        torch.testing.assert_close(feats.features, ref.features, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(feats.crop_cls, ref.crop_cls, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(feats.crop_boxes, ref.crop_boxes)
+        assert feats.patch_stride_px == pytest.approx(ref.patch_stride_px)
+
+
+def test_automatic_masks_from_the_batch_embedding_equal_sams_own_generator(tmp_path: Path) -> None:
+    sam = ready_stage(tmp_path).sam
+    images = [_image(40, 30, 2), _image(36, 52, 3)]
+    amg = AmgConfig(points_per_side=3, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    ours = generate_from_embeddings(sam, sam.embed_images(images), 1, images[1], amg)
+    reference = sam.generate(images[1], amg)
+    assert len(ours) == len(reference) > 0
+    for a, b in zip(ours, reference, strict=True):
+        assert a["segmentation"] == b["segmentation"]
+        assert a["predicted_iou"] == pytest.approx(b["predicted_iou"], abs=1e-5)  # batched encoder: float noise
+
+
+def test_crop_labeller_gives_each_mask_the_class_made_from_its_own_crop(tmp_path: Path) -> None:
+    clip = ready_stage(tmp_path).clip
+    image = _image(48, 64, 4)
+    masks = np.zeros((3, 48, 64), dtype=bool)
+    masks[0, :20, :30], masks[1, 25:, 5:60], masks[2, 10:40, 40:] = True, True, True
+    fill = [round(255 * m) for m in clip.mean]
+    crops = torch.cat([clip.preprocess(mask_crop(image, m, fill), size=clip.image_size) for m in masks])
+    text = clip.encode_image(crops)[[2, 0, 1]]  # class k is mask (2, 0, 1)[k]'s own crop embedding
+    ids, probs = label_masks_by_crops(image, masks, clip, text, np.array([10, 11, 12]), batch_size=2)
+    assert ids.tolist() == [11, 12, 10]
+    assert probs.shape == (3,) and (probs > 1 / 3).all()
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_sample_files_are_consistent_label_masks_gt_and_provenance(tmp_path: Path) -> None:
+    stage = ready_stage(tmp_path, merge_policy="highest_score")
+    refs = stage.adapter.list_items()
+    outputs = run_items(stage, refs)
+    assert [o.key for o in outputs] == [r.key for r in refs] and all(o.ok for o in outputs)
+    for ref, out in zip(refs, outputs, strict=True):
+        label = _decode_png(out.files["label.png"])
+        masks = json.loads(out.files["masks.json"])
+        meta = json.loads(out.files["json"])
+        assert label.dtype == np.uint8 and label.shape == (64, 64)
+        rebuilt = merge([LabelledMask(rle_to_mask(m["segmentation"]), m["category_id"], m["score"], m["producer"])
+                         for m in masks], [], (64, 64), "highest_score")
+        np.testing.assert_array_equal(rebuilt, label)  # the label map is exactly the stored masks, merged
+        np.testing.assert_array_equal(_decode_png(out.files["gt.png"]), stage.adapter.load(ref).label)
+        assert {m["producer"] for m in masks} <= {"stage11", "stage12"}
+        assert all(m["category_id"] in meta["present_classes"] for m in masks)
+        assert meta["models"] == {"clip": stage.clip.identity, "sam": stage.sam.identity} == {
+            k: v for k, v in stage.identities().items() if k != "vocab"}
+        assert meta["schema"] == "pseudolabel/1" and meta["config"]["merge_policy"] == "highest_score"
+        assert _decode_png(out.files["jpg"]).shape == (64, 64, 3)
+    quality = stage.end_shard()["quality"]
+    assert set(quality) == {"stage11", "stage12", "merged"}
+    assert sum(map(sum, quality["merged"]["matrix"])) == 3 * 64 * 64 - sum(
+        int((stage.adapter.load(r).label == 255).sum()) for r in refs)
+
+
+def test_modes_choose_the_producers_and_png_or_no_image(tmp_path: Path) -> None:
+    refs = ready_stage(tmp_path).adapter.list_items()[:1]
+    only11 = run_items(ready_stage(tmp_path, mode="stage11", image_format="none"), refs)[0]
+    only12 = run_items(ready_stage(tmp_path, mode="stage12", image_format="png", keep_ground_truth=False), refs)[0]
+    assert {m["producer"] for m in json.loads(only11.files["masks.json"])} <= {"stage11"}
+    assert {m["producer"] for m in json.loads(only12.files["masks.json"])} <= {"stage12"}
+    assert "jpg" not in only11.files and json.loads(only11.files["json"])["source"].startswith("toyworld://")
+    assert "png" in only12.files and "gt.png" not in only12.files
+
+
+def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_bad_images_become_failed_rows_and_leave_good_ones_untouched(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good = _image(40, 56, 5)
+    jpeg = _encode(Image.fromarray(good), "JPEG")
+    files = {"a_good.png": _encode(Image.fromarray(good)), "b_zero.jpg": b"", "c_truncated.jpg": jpeg[:len(jpeg) // 2],
+             "d_corrupt.png": bytes(range(256)) * 8, "e_huge.png": _png_header_only(20000, 20000),
+             "f_cmyk.jpg": _encode(Image.fromarray(good).convert("CMYK"), "JPEG"),
+             "g_16bit.png": _encode(Image.fromarray(good[:, :, 0].astype(np.uint16) * 257).convert("I;16")),
+             "h_gray.png": _encode(Image.fromarray(good[:, :, 0]))}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    stage = ready_stage(tmp_path, data={"kind": "folder", "root": str(folder)})
+    refs = stage.adapter.list_items()
+    outputs = run_items(stage, refs)
+    errors = {ref.source.rsplit("/", 1)[-1]: out.error for ref, out in zip(refs, outputs, strict=True)}
+    assert errors["b_zero.jpg"] == "zero-byte file" and errors["c_truncated.jpg"] == "truncated image"
+    assert "corrupt" in errors["d_corrupt.png"] and "too large" in errors["e_huge.png"]
+    converted = [name for name in ("f_cmyk.jpg", "g_16bit.png", "h_gray.png") if errors[name] is None]
+    assert converted == ["f_cmyk.jpg", "g_16bit.png", "h_gray.png"]  # the data layer converts these, with a note
+    for name, out in zip(errors, outputs, strict=True):
+        if name in converted:
+            assert json.loads(out.files["json"])["notes"][0].startswith("converted from")
+    alone = run_items(stage, refs[:1])[0]
+    assert errors["a_good.png"] is None
+    assert {k: v for k, v in alone.files.items() if k != "masks.json"} == {
+        k: v for k, v in outputs[0].files.items() if k != "masks.json"}
+    for ours, theirs in zip(json.loads(alone.files["masks.json"]), json.loads(outputs[0].files["masks.json"]),
+                            strict=True):  # batch composition moves SAM's scores by float noise only
+        assert ours | {"score": 0} == theirs | {"score": 0}
+        assert ours["score"] == pytest.approx(theirs["score"], abs=1e-5)
+
+
+def test_checkpoint_files_load_into_the_stage_and_enter_its_identities(tmp_path: Path) -> None:
+    from pipeline.models.checkpoints import CheckpointMismatchError
+
+    base = ready_stage(tmp_path)
+    clip_path, sam_path = tmp_path / "toy_clip.pt", tmp_path / "toy_sam.pth"
+    torch.save({k: v.clone() + 0.5 for k, v in base.clip.model.state_dict().items()}, clip_path)
+    torch.save({k: v.clone() + 0.5 for k, v in base.sam.model.state_dict().items()}, sam_path)
+    stage = ready_stage(tmp_path, clip={"model_name": "toy-vit", "pretrained": str(clip_path)},
+                        sam={"model_type": "toy", "checkpoint": str(sam_path)})
+    identities = stage.identities()
+    assert identities["clip"].startswith("open_clip:toy-vit@sha256:")
+    assert identities["sam"].startswith("sam:toy@sha256:")
+    assert identities["clip"] == stage.clip.identity and identities["sam"] == stage.sam.identity
+    for model, path in ((stage.clip.model, clip_path), (stage.sam.model, sam_path)):
+        saved = torch.load(path, weights_only=True)
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(value, saved[name])
+    wrong = PseudoLabelStage(StageContext(node="pl", seed=0, config={
+        **TINY, "data": {"kind": "toyworld"}, "clip": {"model_name": "toy-vit", "pretrained": str(sam_path)}}))
+    with pytest.raises(CheckpointMismatchError):
+        wrong.setup()
+
+
+def test_stage_end_to_end_on_camvid_through_the_runner(tmp_path: Path, shared_data: Path) -> None:
+    from pipeline.run import compose, run
+
+    root = tmp_path / "camvid"
+    for folder in ("val", "valannot"):  # two images, linked (never copied) from the shared data
+        (root / folder).mkdir(parents=True)
+        for name in sorted(os.listdir(shared_data / "camvid" / folder))[:2]:
+            (root / folder / name).symlink_to(shared_data / "camvid" / folder / name)
+    cfg = compose("demo", [f"output_root={tmp_path / 'out'}", "executor=local", "stages=[pl]"])
+    cfg["pl"] = {**TINY, "stage": "pseudolabel", "inputs": {}, "vocab": "camvid_11", "samples_per_shard": 1,
+                 "data": {"kind": "camvid", "root": str(root), "split": "val"}}
+    summary, = run(cfg)
+    assert (summary.node, summary.status, summary.samples, summary.failed, summary.shards) == ("pl", "ran", 2, 0, 2)
+    out = next((tmp_path / "out" / "pl").glob("*/manifest.json")).parent
+    manifest = json.loads((out / "manifest.json").read_text())
+    quality = json.loads((out / "pseudolabel_quality.json").read_text())
+    assert manifest["quality"]["merged"]["coverage"] == pytest.approx(quality["merged"]["coverage"])
+    assert set(quality) >= {"stage11", "stage12", "merged"} and manifest["schema"] == "pseudolabel/1"
+    assert quality["merged"]["num_valid_pixels"] > 0.9 * 2 * 360 * 480
+    with tarfile.open(out / "000000.tar") as tar:
+        names = tar.getnames()
+        gt = _decode_png(tar.extractfile(next(n for n in names if n.endswith(".gt.png"))).read())
+    assert sorted(n.split(".", 1)[1] for n in names) == ["gt.png", "jpg", "json", "label.png", "masks.json"]
+    assert gt.shape == (360, 480) and set(np.unique(gt)) <= set(range(11)) | {255}
+    assert [s.status for s in run(cfg)] == ["up to date"]
