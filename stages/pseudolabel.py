@@ -51,6 +51,7 @@ from stages.pseudolabel_config import (
     checked_templates,
     checked_vocab,
     clip_identity,
+    model_config,
     sam_identity,
 )
 from stages.pseudolabel_models import ClipCanvas, generate_from_embeddings, prepare_canvas, sliding_features
@@ -325,8 +326,8 @@ class PseudoLabelStage(Stage):
         from pipeline.models.clip import Clip, ClipConfig
         from pipeline.models.sam import AmgConfig, Sam, SamConfig
 
-        self.clip = Clip.build(ClipConfig(**self.cfg.clip))
-        self.sam = Sam.build(SamConfig(**self.cfg.sam))
+        self.clip = Clip.build(ClipConfig(**model_config(self.cfg.clip)))
+        self.sam = Sam.build(SamConfig(**model_config(self.cfg.sam)))
         self.amg = AmgConfig(**self.cfg.amg)
         self.crop = self.cfg.crop or self.clip.image_size
         patch = self.clip.patch_size
@@ -375,7 +376,8 @@ class PseudoLabelStage(Stage):
         masks = [mask_record(item.rle or _rle(item.mask), item.category_id, item.score, item.producer)
                  for item in kept]
         gt = record.label if has_gt and cfg.keep_ground_truth else None
-        files = sample_files(image, cfg.image_format, label, masks, gt, self._provenance(record, present, kept))
+        files = sample_files(image, cfg.image_format, label, masks, gt, self._provenance(record, present, kept),
+                             cfg.jpeg_quality)
         return SampleOutput(record.key, files, record.meta.get("source", ""))
 
     def _stage11(self, feats: SlidingFeatures, embeddings: SamImageEmbeddings, index: int, text: np.ndarray,

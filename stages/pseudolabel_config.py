@@ -31,8 +31,8 @@ class PseudoLabelConfig:
         data: input adapter config (``kind`` + its fields, `pipeline.data.registry.build_adapter`); its ``vocab``
             defaults to `vocab`.
         samples_per_shard: images per output shard.
-        clip: `pipeline.models.clip.ClipConfig` fields.
-        sam: `pipeline.models.sam.SamConfig` fields.
+        clip: `pipeline.models.clip.ClipConfig` fields; ``device: auto`` = cuda when available, else cpu.
+        sam: `pipeline.models.sam.SamConfig` fields; ``device: auto`` as for clip.
         crop: presence/feature window side in resized pixels (None = CLIP's native input side).
         stride: window step in resized pixels (None = crop // 2, rounded down to the patch size).
         image_short_side: resize the short side to this before CLIP (None keeps the image size).
@@ -45,6 +45,7 @@ class PseudoLabelConfig:
         min_predicted_iou: smallest kept SAM predicted IoU of an automatic mask.
         labeler: stage 1.2 labeller, "dense" (Seifi et al.) or "crop" (ZSSeg).
         image_format: "jpg", "png" or "none" (only a reference in json.source).
+        jpeg_quality: JPEG quality (4:4:4 chroma) when image_format = "jpg".
         keep_ground_truth: write gt.png when the input has ground truth.
         resources: workers; batch_size = images per model call.
     """
@@ -54,8 +55,9 @@ class PseudoLabelConfig:
     name_variant: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
     samples_per_shard: int = 256
-    clip: dict[str, Any] = field(default_factory=lambda: {"model_name": "ViT-B-16", "pretrained": None})
-    sam: dict[str, Any] = field(default_factory=lambda: {"model_type": "vit_h", "checkpoint": None})
+    clip: dict[str, Any] = field(default_factory=lambda: {"model_name": "ViT-B-16", "pretrained": None,
+                                                          "device": "auto"})
+    sam: dict[str, Any] = field(default_factory=lambda: {"model_type": "vit_h", "checkpoint": None, "device": "auto"})
     crop: int | None = None
     stride: int | None = None
     image_short_side: int | None = 448
@@ -68,6 +70,7 @@ class PseudoLabelConfig:
     min_predicted_iou: float = 0.88
     labeler: str = "dense"
     image_format: str = "jpg"
+    jpeg_quality: int = 95
     keep_ground_truth: bool = True
     resources: Resources = field(default_factory=lambda: Resources(num_cpus=1.0, batch_size=16))
 
@@ -99,6 +102,7 @@ def check_config(cfg: PseudoLabelConfig, node: str) -> None:
     _choice(node, "image_format", cfg.image_format, IMAGE_FORMATS)
     for key in ("samples_per_shard", "top_k", "crop", "stride", "image_short_side"):
         _positive(node, key, getattr(cfg, key))
+    _positive(node, "jpeg_quality", cfg.jpeg_quality)
     for key in ("min_crops", "min_mask_area"):
         _positive(node, key, getattr(cfg, key), 0)
     for key, known in (("clip", CLIP_KEYS), ("sam", SAM_KEYS), ("amg", AMG_KEYS)):
@@ -145,6 +149,15 @@ def checked_adapter(cfg: PseudoLabelConfig, vocab: Vocabulary, node: str) -> Any
         raise ConfigError(f"{node}.data.vocab={theirs.name!r} differs from {node}.vocab={vocab.name!r}: the "
                           f"ground-truth ids would mean other classes; set {node}.data.vocab={vocab.name}")
     return adapter
+
+
+def model_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A model config dict with ``device: auto`` resolved (cuda when torch sees a GPU, else cpu); worker side."""
+    if values.get("device") != "auto":
+        return dict(values)
+    import torch
+
+    return {**values, "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
 def _weights(ref: str | None, seed: int, key: str) -> str:

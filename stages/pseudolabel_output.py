@@ -73,12 +73,12 @@ def mask_record(rle: Mapping[str, Any], category_id: int, score: float, producer
 
 
 def sample_files(image: np.ndarray | None, image_format: str, label: np.ndarray, masks: Sequence[dict[str, Any]],
-                 gt: np.ndarray | None, provenance: Mapping[str, Any]) -> dict[str, bytes]:
+                 gt: np.ndarray | None, provenance: Mapping[str, Any], jpeg_quality: int = 95) -> dict[str, bytes]:
     """The files of one "pseudolabel/1" sample (see docs/schema.md): image, label.png, masks.json, gt.png, json."""
     files = {"label.png": encode_label_png(label), "masks.json": json.dumps(list(masks)).encode(),
              "json": json.dumps(provenance, sort_keys=True).encode()}
     if image is not None and image_format != "none":
-        files[image_format] = encode_image(image, image_format)
+        files[image_format] = encode_image(image, image_format, jpeg_quality)
     if gt is not None:
         files["gt.png"] = encode_label_png(gt)
     return files

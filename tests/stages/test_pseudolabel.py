@@ -180,3 +180,17 @@ def test_missing_checkpoint_fails_in_identities_naming_the_key(tmp_path: Path) -
     stage = make_stage(tmp_path, sam={"model_type": "toy", "checkpoint": str(tmp_path / "missing.pth")})
     with pytest.raises(ConfigError, match="sam.checkpoint"):
         stage.identities()
+
+
+def test_stage_yaml_mirrors_the_config_fields() -> None:
+    import yaml
+
+    from stages.pseudolabel_config import PseudoLabelConfig
+
+    path = Path(__file__).resolve().parents[2] / "conf" / "stage" / "pseudolabel.yaml"
+    values = yaml.safe_load(path.read_text())
+    fields = {f.name: f for f in dataclasses.fields(PseudoLabelConfig)}
+    assert set(values) - {"stage", "inputs"} == set(fields)
+    defaults = PseudoLabelConfig()
+    for name in set(fields) - {"vocab", "resources"}:
+        assert values[name] == getattr(defaults, name), name
