@@ -12,6 +12,10 @@ Ground-truth filters (`gt_filter`):
                   the test vocabulary is the unseen subset in `vocab` order (train ids remapped to 0..U-1), so
                   predictors only see those U words. It is a U-way classification of unseen-GT pixels, not GZSL.
 
+Background words (`background_words`, protocol `background: stuff_names`; Seifi et al. PV-21): logits methods
+score the vocabulary plus extra stuff words, and pixels won by those words become `background_class`
+(`pipeline.eval_vocab`).
+
 Pseudo-label methods (`kind: labels`) read `label.png` of an upstream pseudolabel/selftrain output for the same
 sample keys. Their unlabelled pixels (ignore) are left out of the matrix, so their IoU measures the labels
 where they exist; `coverage` (% of valid GT pixels that carry a label) is reported beside it. Under
@@ -37,6 +41,7 @@ from pipeline.data.records import ImageRecord, ItemRef
 from pipeline.data.registry import adapter_fields, build_adapter
 from pipeline.data.vocab import Vocabulary, load_vocab
 from pipeline.eval_methods import MethodSpec, parse_methods
+from pipeline.eval_vocab import fold_background_words, unseen_only_lut, unseen_only_vocab, with_background_words
 from pipeline.metrics import ConfusionMatrix, compute_metrics, to_json
 from pipeline.shards import SampleOutput, join
 from pipeline.stage import ConfigError, Resources, ShardPlan, Stage
@@ -62,6 +67,9 @@ class EvalConfig:
         seen_ids_from_vocab: report mIoU(S)/mIoU(U)/hIoU from the vocabulary's unseen list (and give seen classes
             the protocol's seen penalty); no split when false or when the vocabulary has no unseen classes.
         gt_filter: null or "unseen_only" (see the module docstring).
+        background_words: extra stuff words scored by the logits methods and folded into `background_class`
+            (Seifi et al. PV-21; needs protocol `background: stuff_names`); empty = off.
+        background_class: the vocabulary class that background words fold into.
         miou_denominator: "mmseg" or "zsseg" for methods that do not set one.
         max_images: evaluate only the first N images of the adapter's (sorted) list; null = all.
         num_report_samples: the first N successfully evaluated images get overlays in the report.
@@ -77,6 +85,8 @@ class EvalConfig:
     methods: list = field(default_factory=lambda: [{"name": "maskclip", "kind": "maskclip"}])
     seen_ids_from_vocab: bool = True
     gt_filter: str | None = None
+    background_words: list = field(default_factory=list)
+    background_class: str = "background"
     miou_denominator: str = "mmseg"
     max_images: int | None = None
     num_report_samples: int = 6
@@ -92,17 +102,6 @@ class Loaded:
     ref: ItemRef
     record: ImageRecord
     label_pngs: dict[str, bytes | None]
-
-
-def unseen_only_lut(vocab: Vocabulary) -> np.ndarray:
-    """LUT full train id -> unseen-subset id (position in `vocab.unseen_ids`); every other value -> ignore.
-
-    Returns:
-        int64 [max(num_classes, ignore_index) + 1]; index with ids clipped to its last entry (= ignore).
-    """
-    lut = np.full(max(vocab.num_classes, vocab.ignore_index) + 1, vocab.ignore_index, dtype=np.int64)
-    lut[list(vocab.unseen_ids)] = np.arange(len(vocab.unseen_ids))
-    return lut
 
 
 def png_bytes(label: np.ndarray, dtype: type[np.unsignedinteger]) -> bytes:
@@ -138,6 +137,7 @@ class EvalStage(Stage):
         ports = set(context.config.get("inputs") or {})
         self.methods: list[MethodSpec] = parse_methods(cfg.methods, node, ports, cfg.protocol,
                                                        cfg.protocol_overrides, cfg.miou_denominator)
+        self.predict_vocab, self.background_id = self._predict_vocabulary()
         self.adapter = self._adapter()
         split = cfg.seen_ids_from_vocab and bool(self.eval_vocab.unseen_ids) and cfg.gt_filter is None
         self.unseen_ids = list(self.eval_vocab.unseen_ids) if split else None
@@ -151,8 +151,30 @@ class EvalStage(Stage):
         if not self.vocab.unseen_ids:
             raise ConfigError(f"{self.context.node}.gt_filter=unseen_only but vocabulary {self.vocab.name!r} lists "
                               "no unseen classes; pick a vocabulary with `unseen:` or set gt_filter=null")
-        subset = self.vocab.subset(list(self.vocab.unseen_ids), f"{self.vocab.name}_unseen_only")
-        return subset, unseen_only_lut(self.vocab)
+        return unseen_only_vocab(self.vocab), unseen_only_lut(self.vocab)
+
+    def _predict_vocabulary(self) -> tuple[Vocabulary, int | None]:
+        """The vocabulary logits methods score (eval vocabulary + background words) and the background id."""
+        cfg, node = self.cfg, self.context.node
+        logits_methods = sorted(m.name for m in self.methods if not m.is_labels)
+        stuff = sorted(m.name for m in self.methods
+                       if not m.is_labels and m.protocol_cfg.get("background") == "stuff_names")
+        if not cfg.background_words:
+            if stuff:
+                raise ConfigError(f"{node}: methods {stuff} use protocol background=stuff_names but "
+                                  f"{node}.background_words is empty; list the stuff words")
+            return self.eval_vocab, None
+        if stuff != logits_methods:
+            raise ConfigError(f"{node}.background_words is set: give the methods {logits_methods} protocol "
+                              f"background=stuff_names (e.g. {node}.protocol_overrides.background=stuff_names)")
+        if cfg.gt_filter is not None or cfg.background_class not in self.eval_vocab.names:
+            raise ConfigError(f"{node}.background_words needs gt_filter=null and background_class="
+                              f"{cfg.background_class!r} among the classes of {self.eval_vocab.name!r}")
+        try:
+            extended = with_background_words(self.eval_vocab, [str(w) for w in cfg.background_words])
+        except ValueError as error:
+            raise ConfigError(f"{node}.background_words: {error}") from None
+        return extended, self.eval_vocab.names.index(cfg.background_class)
 
     def _adapter(self) -> Any:
         data = dict(self.cfg.data)
@@ -211,7 +233,7 @@ class EvalStage(Stage):
 
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if self.cfg.device == "auto" else self.cfg.device
         self.protocols = {spec.name: spec.protocol for spec in self.methods}
-        self.predictors = {spec.name: build_predictor(spec.options, self.eval_vocab, self.context.upstream,
+        self.predictors = {spec.name: build_predictor(spec.options, self.predict_vocab, self.context.upstream,
                                                       self.device)
                            for spec in self.methods if not spec.is_labels}
 
@@ -295,8 +317,11 @@ class EvalStage(Stage):
         from pipeline.inference import predict
 
         predictor = self.predictors[spec.name]
-        return predict(image, predictor.logits, self.protocols[spec.name], self.eval_vocab.num_classes,
+        pred = predict(image, predictor.logits, self.protocols[spec.name], self.predict_vocab.num_classes,
                        self.seen_ids, self.device)
+        if self.background_id is None:
+            return pred
+        return fold_background_words(pred, self.eval_vocab.num_classes, self.background_id)
 
     def _accumulate(self, name: str, pred: np.ndarray | None, gt: np.ndarray) -> None:
         ignore = self.eval_vocab.ignore_index
@@ -328,7 +353,8 @@ class EvalStage(Stage):
 
         metrics = {spec.name: self._method_metrics(spec, done) for spec in self.methods}
         document = {"schema": SCHEMA, "vocab": self.eval_vocab.name, "vocab_digest": self.eval_vocab.digest(),
-                    "gt_filter": self.cfg.gt_filter, "num_images": sum(d.count for d in done),
+                    "gt_filter": self.cfg.gt_filter, "background_words": list(self.cfg.background_words),
+                    "num_images": sum(d.count for d in done),
                     "num_failed": sum(d.failed for d in done), "methods": metrics}
         fs, root = fsspec.core.url_to_fs(self.context.output_url)
         fs.pipe_file(join(root, "metrics.json"), to_json(document).encode())

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from pipeline import predictors
 from pipeline.data.registry import build_adapter
 from pipeline.data.vocab import load_vocab
+from pipeline.eval_vocab import unseen_only_lut
 from pipeline.executor import run_shard
 from pipeline.inference import load_protocol, predict
 from pipeline.metrics import ConfusionMatrix, compute_metrics
 from pipeline.shards import SampleOutput, StageOutput, commit_shard, write_stage_index
 from pipeline.stage import ConfigError, StageContext
-from stages.evaluate import EvalStage, png_bytes, unseen_only_lut
+from stages.evaluate import EvalStage, png_bytes
 
 TOY_DATA = {"kind": "toyworld", "split": "val", "num_images": 5, "size": 64}
 
@@ -51,14 +52,14 @@ class Oracle:
 
 
 class ColourModel:
-    """A fixed, non-trivial model: class = (red value // 23) mod C at every pixel."""
+    """A fixed, non-trivial model: class = ((red + green) // 23) mod C at every pixel (0..255 values)."""
 
     def __init__(self, name: str, num_classes: int) -> None:
         self.name, self.num_classes = name, num_classes
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        red = (pixels[0, 0] * 255).round().long()
-        return one_hot_logits(((red // 23) % self.num_classes).numpy(), self.num_classes)
+        red_green = (pixels[0, :2] * 255).round().long().sum(dim=0)
+        return one_hot_logits(((red_green // 23) % self.num_classes).numpy(), self.num_classes)
 
 
 @pytest.fixture
@@ -150,6 +151,29 @@ def test_per_shard_matrices_merge_to_the_single_pass_numbers(tmp_path, oracle_ki
         assert a[key] == b[key] == pytest.approx(expected[key])
     assert 0.0 < a["mIoU"] < 100.0
     assert a["seen_ids"] == [0, 1, 2, 3, 4, 6, 7, 8, 11] and a["unseen_ids"] == [5, 9, 10]
+
+
+def test_background_words_are_scored_and_folded_into_the_background_class(tmp_path, oracle_kind):
+    overrides = {"short_side": 64, "background": "stuff_names"}
+    config = toy_config(methods=[{"name": "colour", "kind": "colour"}], protocol_overrides=overrides,
+                        background_words=["cloud", "sun"], background_class="sky", seen_ids_from_vocab=False)
+    stage = make_stage(tmp_path, config)
+    assert stage.predict_vocab.names[-3:] == ("ball", "cloud", "sun") and stage.background_id == 0
+    run_stage(stage)
+    adapter, protocol = build_adapter(TOY_DATA), load_protocol("ifseg")
+    protocol.short_side = 64
+    model, matrix, raw_ids = ColourModel("colour", 14), ConfusionMatrix(12), set()
+    for ref in adapter.list_items():
+        record = adapter.load(ref)
+        raw = predict(record.image, model.logits, protocol, 14)
+        raw_ids |= set(np.unique(raw).tolist())
+        matrix.update(np.where(raw >= 12, 0, raw), record.label)
+    assert raw_ids & {12, 13}  # the extra words do win pixels, so folding matters
+    expected = compute_metrics(matrix, load_vocab("toy").names)
+    metrics = read_metrics(stage)
+    assert metrics["methods"]["colour"]["mIoU"] == pytest.approx(expected["mIoU"])
+    assert metrics["methods"]["colour"]["per_class_iou"]["sky"] == pytest.approx(expected["per_class_iou"]["sky"])
+    assert metrics["background_words"] == ["cloud", "sun"]
 
 
 def test_unseen_only_lut_keeps_unseen_classes_in_vocab_order():
@@ -253,6 +277,11 @@ def test_report_and_metrics_files(tmp_path, oracle_kind):
     ({"vocab": "camvid_11"}, r"evaluate\.data: toyworld .* set vocab=toy"),
     ({"vocab": "camvid_11", "data": {**TOY_DATA, "vocab": "toy"}}, r"set evaluate\.vocab=toy"),
     ({"gt_filter": "seen_only"}, "gt_filter"),
+    ({"background_words": ["cloud"]}, "protocol_overrides.background=stuff_names"),
+    ({"protocol_overrides": {"background": "stuff_names"}}, "background_words is empty"),
+    ({"background_words": ["cloud"], "protocol_overrides": {"background": "stuff_names"}}, "background_class"),
+    ({"background_words": ["sky"], "background_class": "sky", "protocol_overrides": {"background": "stuff_names"}},
+     "duplicate class names"),
 ])
 def test_config_errors_name_the_key_before_any_work(tmp_path, oracle_kind, change, match):
     with pytest.raises(ConfigError, match=match):
