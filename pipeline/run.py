@@ -39,12 +39,19 @@ def conf_dir() -> Path:
     return Path(os.environ.get("SEGETL_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
 
 
+def repo_path(relative: str) -> str:
+    """`${repo:assets/x}` in configs: a path relative to the project root, valid from any working directory."""
+    return str(Path(__file__).resolve().parents[1] / relative)
+
+
 def compose(preset: str = "demo", overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Compose `conf/<preset>.yaml` with Hydra overrides into a plain, resolved dict."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
+    if not OmegaConf.has_resolver("repo"):
+        OmegaConf.register_new_resolver("repo", repo_path)
     available = sorted(p.stem for p in conf_dir().glob("*.yaml") if p.stem != "base")
     if preset not in available:
         raise ConfigError(f"conf={preset!r} not found in {conf_dir()}; presets: {available}")

@@ -1,0 +1,119 @@
+"""The train stage and its plumbing: schedules, checkpoints, resume after a kill, Ray Train, predictors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.data.vocab import load_vocab
+from pipeline.run import compose, run
+from pipeline.shards import open_stage
+from pipeline.stage import ConfigError
+from pipeline.trainer import CheckpointStore, lr_schedule, trainable_state
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["wordgrid.num_samples=400", "wordgrid.samples_per_shard=100", "train_ifseg.resources.backend=local",
+        "train_ifseg.ifseg.label_size=32", "train_ifseg.batch_size=8"]
+
+
+def overrides(root: Path, *extra: str) -> list[str]:
+    return [f"output_root={root}", "executor=local", "stages=[wordgrid,train_ifseg]", *FAST, *extra]
+
+
+def test_lr_schedules_hand_computed():
+    cosine = lr_schedule("cosine", steps=10, warmup=2)
+    assert cosine(0) == 0.5 and cosine(1) == 1.0 and cosine(2) == 1.0
+    assert math.isclose(cosine(6), 0.5) and math.isclose(cosine(10), 0.0, abs_tol=1e-12)
+    poly = lr_schedule("poly", steps=10, power=1.0)
+    assert math.isclose(poly(5), 0.5)
+    with pytest.raises(ValueError, match="cosine"):
+        lr_schedule("step", 10)
+
+
+def test_checkpoint_store_keeps_the_newest(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    model = torch.nn.Linear(2, 2)
+    for step in (10, 20, 30):
+        store.save(step, {"step": step, "model": trainable_state(model)}, keep=2)
+    assert store.steps() == [20, 30]
+    assert store.load_latest()["step"] == 30
+
+
+def test_train_ifseg_on_word_grids_writes_model_and_log(tmp_path):
+    summaries = run(compose("demo", overrides(tmp_path, "train_ifseg.loop.steps=12",
+                                              "train_ifseg.loop.checkpoint_every=5")))
+    assert [(s.node, s.status) for s in summaries] == [("wordgrid", "ran"), ("train_ifseg", "ran")]
+    output = open_stage(str(tmp_path / "train_ifseg"))
+    assert output.manifest["final_log"]["step"] == 12
+    assert CheckpointStore(output.path).steps() == [10, 12]
+    log = [json.loads(line) for line in Path(output.path, "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 12 and log[-1]["loss"] > 0
+    again = run(compose("demo", overrides(tmp_path, "train_ifseg.loop.steps=12",
+                                          "train_ifseg.loop.checkpoint_every=5")))
+    assert [s.status for s in again] == ["up to date", "up to date"]
+
+
+def test_predictor_serves_any_vocabulary(tmp_path):
+    run(compose("demo", overrides(tmp_path, "train_ifseg.loop.steps=2")))
+    from stages.train import load_predictor
+
+    output = open_stage(str(tmp_path / "train_ifseg"))
+    toy = load_predictor(output, load_vocab("toy"))
+    pixels = torch.rand(1, 3, 64, 64)
+    assert toy.logits(pixels).shape == (1, 12, 8, 8)  # toy-vit: patch 8
+    subset = load_vocab("toy").subset(["sky", "road", "car"], name="three")
+    assert load_predictor(output, subset).logits(pixels).shape == (1, 3, 8, 8)
+    knn = load_predictor(output, load_vocab("toy"), knn=True).logits(pixels)
+    assert torch.allclose(knn.softmax(1).sum(1), torch.ones(1, 8, 8), atol=1e-4)
+
+
+def test_wrong_ports_for_method_fail_before_work(tmp_path):
+    with pytest.raises(ConfigError, match="inputs must name port"):
+        run(compose("demo", overrides(tmp_path, "train_ifseg.method=align")))
+    assert not (tmp_path / "train_ifseg").exists()
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_last_checkpoint(tmp_path):
+    cli = [sys.executable, "-m", "pipeline.run", *overrides(tmp_path, "train_ifseg.loop.steps=400",
+                                                           "train_ifseg.loop.checkpoint_every=20")]
+    process = subprocess.Popen(cli, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    checkpoints = tmp_path / "train_ifseg"
+    while time.time() < deadline and not list(checkpoints.glob("*/checkpoints/step_*.pt")):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    saved = sorted(checkpoints.glob("*/checkpoints/step_*.pt"))
+    assert saved, "no checkpoint before the kill"
+    assert not list(checkpoints.glob("*/model.pt"))
+    first = int(saved[-1].stem.split("_")[1])
+    resumed = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from checkpoint at step {first}" in resumed.stderr
+    assert open_stage(str(checkpoints)).manifest["final_log"]["step"] == 400
+
+
+@pytest.mark.slow
+def test_ray_train_backend(tmp_path):
+    import ray
+
+    try:
+        summaries = run(compose("demo", [f"output_root={tmp_path}", "executor=ray", "ray.num_cpus=2",
+                                         "stages=[wordgrid,train_ifseg]", *FAST[:2], "train_ifseg.loop.steps=4",
+                                         "train_ifseg.ifseg.label_size=32", "train_ifseg.batch_size=8",
+                                         "train_ifseg.resources.num_workers=2",
+                                         "train_ifseg.resources.cpus_per_worker=0.5"]))
+    finally:
+        ray.shutdown()
+    assert summaries[-1].status == "ran"
+    assert open_stage(str(tmp_path / "train_ifseg")).manifest["final_log"]["step"] == 4
