@@ -214,11 +214,17 @@ class EvalStage(Stage):
         return [ShardPlan(i, tuple(items[start:start + per])) for i, start in enumerate(range(0, len(items), per))]
 
     def _label_index(self, spec: MethodSpec) -> dict[str, str]:
+        """Key -> upstream shard URL of a labels method, after checking the upstream labels' vocabulary."""
         output = self.context.upstream[spec.input]
-        names = (output.manifest.get("vocab") or {}).get("names")
-        if names is not None and tuple(names) != self.vocab.names:
+        upstream_vocab = output.manifest.get("vocab")
+        if upstream_vocab is None:
+            raise ConfigError(f"{self.context.node}.methods[{spec.name}]: upstream {spec.input!r} records no "
+                              "vocabulary in its manifest; a labels method reads pseudolabel/selftrain outputs")
+        names = tuple(entry["name"] for entry in upstream_vocab.get("classes", []))
+        if names != self.vocab.names:
             raise ConfigError(f"{self.context.node}.methods[{spec.name}]: upstream {spec.input!r} labels use "
-                              f"vocabulary {output.manifest['vocab'].get('name')!r}, not {self.vocab.name!r}")
+                              f"vocabulary {upstream_vocab.get('name')!r}, not {self.vocab.name!r}; evaluate them "
+                              "with the vocabulary they were made with")
         return index_keys(output)
 
     def item_key(self, item: Loaded | tuple[ItemRef, tuple]) -> str:

@@ -199,7 +199,7 @@ def test_unseen_only_scores_unseen_gt_pixels_with_the_unseen_words(tmp_path, ora
     assert set(oracle["per_class_iou"]) == {"tree", "dog", "boat"} and "mIoU(U)" not in oracle
 
 
-def write_upstream_labels(directory: Path, labels: dict[str, np.ndarray]) -> StageOutput:
+def write_upstream_labels(directory: Path, labels: dict[str, np.ndarray], vocab: str = "toy") -> StageOutput:
     """A finished pseudolabel-like stage output (2 samples per shard) holding `label.png` per key."""
     import fsspec
 
@@ -208,7 +208,7 @@ def write_upstream_labels(directory: Path, labels: dict[str, np.ndarray]) -> Sta
     done = [commit_shard(fs, str(directory), i, samples[start:start + 2], "fp")
             for i, start in enumerate(range(0, len(samples), 2))]
     manifest = {"fingerprint": "fp", "shards": [{"name": f"{d.shard}.tar"} for d in done],
-                "num_samples": len(samples), "num_failed": 0, "vocab": load_vocab("toy").to_dict()}
+                "num_samples": len(samples), "num_failed": 0, "vocab": load_vocab(vocab).to_dict()}
     write_stage_index(fs, str(directory), manifest, done)
     return StageOutput(str(directory))
 
@@ -234,6 +234,14 @@ def test_labels_method_scores_labelled_pixels_and_reports_coverage_and_missing(t
     assert metrics["mIoU"] == pytest.approx(100.0) and metrics["num_pixels"] == labelled
     assert metrics["coverage"] == pytest.approx(100.0 * labelled / valid) and metrics["missing_samples"] == 1
     assert extra["metrics"]["pseudo"]["missing_samples"] == 1
+
+
+def test_labels_made_with_another_vocabulary_are_refused_before_any_work(tmp_path):
+    adapter = build_adapter(TOY_DATA)
+    ref = adapter.list_items()[0]
+    upstream = write_upstream_labels(tmp_path / "pseudolabel" / "fp", {ref.key: adapter.load(ref).label}, "camvid_11")
+    with pytest.raises(ConfigError, match="labels use vocabulary 'camvid_11', not 'toy'"):
+        labels_stage(tmp_path, upstream).plan()
 
 
 def test_a_bad_sample_fails_alone_and_is_never_counted_twice(tmp_path):
