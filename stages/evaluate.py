@@ -11,6 +11,7 @@ Ground-truth filters (`gt_filter`):
     unseen_only   IFSeg's COCO "15 unseen" protocol (methods-spec §1.6): GT pixels of seen classes become ignore,
                   the test vocabulary is the unseen subset in `vocab` order (train ids remapped to 0..U-1), so
                   predictors only see those U words. It is a U-way classification of unseen-GT pixels, not GZSL.
+                  (Equivalent route: `vocab: coco_unseen_15` with the coco_stuff adapter, which ignores the rest.)
 
 Background words (`background_words`, protocol `background: stuff_names`; Seifi et al. PV-21): logits methods
 score the vocabulary plus extra stuff words, and pixels won by those words become `background_class`
@@ -65,7 +66,8 @@ class EvalConfig:
         methods: `{name, kind, input?, knn?, clip?, templates?, name_variant?, logit_scale?, protocol?,
             protocol_overrides?, miou_denominator?}` per method (see `pipeline.eval_methods`).
         seen_ids_from_vocab: report mIoU(S)/mIoU(U)/hIoU from the vocabulary's unseen list (and give seen classes
-            the protocol's seen penalty); no split when false or when the vocabulary has no unseen classes.
+            the protocol's seen penalty); no split when false or when the eval vocabulary lacks seen or unseen
+            classes (e.g. `gt_filter: unseen_only`, or the all-unseen `coco_unseen_15`).
         gt_filter: null or "unseen_only" (see the module docstring).
         background_words: extra stuff words scored by the logits methods and folded into `background_class`
             (Seifi et al. PV-21; needs protocol `background: stuff_names`); empty = off.
@@ -139,10 +141,9 @@ class EvalStage(Stage):
                                                        cfg.protocol_overrides, cfg.miou_denominator)
         self.predict_vocab, self.background_id = self._predict_vocabulary()
         self.adapter = self._adapter()
-        split = cfg.seen_ids_from_vocab and bool(self.eval_vocab.unseen_ids) and cfg.gt_filter is None
-        self.unseen_ids = list(self.eval_vocab.unseen_ids) if split else None
-        penalised = cfg.seen_ids_from_vocab and bool(self.eval_vocab.unseen_ids)
-        self.seen_ids = list(self.eval_vocab.seen_ids) if penalised else []
+        split = cfg.seen_ids_from_vocab and bool(self.eval_vocab.unseen_ids) and bool(self.eval_vocab.seen_ids)
+        self.unseen_ids = list(self.eval_vocab.unseen_ids) if split else None  # GZSL S/U/hIoU only with both
+        self.seen_ids = list(self.eval_vocab.seen_ids) if split else []  # the classes the seen penalty lowers
         self._reset()
 
     def _eval_vocabulary(self) -> tuple[Vocabulary, np.ndarray | None]:

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import predictors
+from pipeline.data.images import read_label_png
 from pipeline.data.registry import build_adapter
 from pipeline.data.vocab import load_vocab
 from pipeline.eval_vocab import unseen_only_lut
 from pipeline.executor import run_shard
 from pipeline.inference import load_protocol, predict
 from pipeline.metrics import ConfusionMatrix, compute_metrics
-from pipeline.shards import SampleOutput, StageOutput, commit_shard, write_stage_index
+from pipeline.shards import SampleOutput, StageOutput, commit_shard, iter_tar_samples, write_stage_index
 from pipeline.stage import ConfigError, StageContext
 from stages.evaluate import EvalStage, png_bytes
 
@@ -62,6 +63,18 @@ class ColourModel:
         return one_hot_logits(((red_green // 23) % self.num_classes).numpy(), self.num_classes)
 
 
+class CloseCall:
+    """Everywhere: logit 0.2 for sky (seen), 0.1 for tree (unseen), 0 for the rest."""
+
+    def __init__(self, name: str, num_classes: int) -> None:
+        self.name, self.num_classes = name, num_classes
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(1, self.num_classes, *pixels.shape[-2:])
+        logits[:, 0], logits[:, 5] = 0.2, 0.1
+        return logits
+
+
 @pytest.fixture
 def oracle_kind(monkeypatch):
     """Registers method kinds `oracle` (GT of the method's data, optionally unseen-only) and `colour`."""
@@ -77,6 +90,8 @@ def oracle_kind(monkeypatch):
         return Oracle(method["name"], vocab.num_classes, table)
 
     monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "oracle", build_oracle)
+    monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "close_call",
+                        lambda method, vocab, upstream, device: CloseCall(method["name"], vocab.num_classes))
     monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "colour",
                         lambda method, vocab, upstream, device: ColourModel(method["name"], vocab.num_classes))
 
@@ -174,6 +189,16 @@ def test_background_words_are_scored_and_folded_into_the_background_class(tmp_pa
     assert metrics["methods"]["colour"]["mIoU"] == pytest.approx(expected["mIoU"])
     assert metrics["methods"]["colour"]["per_class_iou"]["sky"] == pytest.approx(expected["per_class_iou"]["sky"])
     assert metrics["background_words"] == ["cloud", "sun"]
+
+
+@pytest.mark.parametrize("penalise, winner", [(True, 5), (False, 0)])
+def test_zegclip_seen_penalty_lowers_the_seen_classes_of_the_vocabulary(tmp_path, oracle_kind, penalise, winner):
+    # sigmoid: sky 0.5498 - 0.1 < tree 0.5250 > 0.5 (dog, boat, unpenalised) when seen classes are penalised
+    methods = [{"name": "close", "kind": "close_call", "protocol": "zegclip"}]
+    stage = make_stage(tmp_path, toy_config(methods=methods, seen_ids_from_vocab=penalise, max_images=1))
+    run_stage(stage)
+    sample = next(iter(iter_tar_samples(str(Path(stage.context.output_url) / "000000.tar"))))
+    assert np.unique(read_label_png(sample["close.png"])).tolist() == [winner]
 
 
 def test_unseen_only_lut_keeps_unseen_classes_in_vocab_order():
