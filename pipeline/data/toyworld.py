@@ -126,7 +126,8 @@ def _draw_sky_and_ground(canvas: _Canvas, layout: np.random.Generator) -> np.nda
         (W,) float horizon height per column, normalised.
     """
     size, x, y = canvas.size, canvas.x, canvas.y
-    base, amp, freq, phase = layout.uniform(0.28, 0.5), layout.uniform(0, 0.05), layout.uniform(0.5, 2), layout.uniform(0, 6.3)
+    base, amp = layout.uniform(0.28, 0.5), layout.uniform(0, 0.05)
+    freq, phase = layout.uniform(0.5, 2), layout.uniform(0, 6.3)
     horizon = base + amp * np.sin(2 * np.pi * freq * x[0] + phase)
     sky = y < horizon[None, :]
     top, bottom = np.array([60, 120, 205.0]) * layout.uniform(0.9, 1.1), np.array([175, 205, 235.0])
@@ -295,7 +296,7 @@ class ToyWorldAdapter:
     size: int = 128
     seed: int = 0
     vocab: str | Vocabulary = "toy"
-    name: str = "toyworld"
+    name: str = field(default="toyworld", init=False)
 
     def __post_init__(self) -> None:
         split_seed(self.split, max(self.num_images - 1, 0), self.seed)  # fail early on bad knobs

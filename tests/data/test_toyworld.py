@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +148,57 @@ def test_class_order_matches_the_toy_vocabulary() -> None:
     assert ToyWorldAdapter(vocab=vocab).vocab is vocab
     with pytest.raises(ValueError, match="vocab=toy"):
         ToyWorldAdapter(vocab="voc_21")
+
+
+MODELS = Path(__file__).resolve().parents[2] / "assets" / "models"
+CLIP_MARGIN = 0.15  # recall@#present, fraction
+SAM_MARGIN = 0.2  # mean best-of-3 IoU, fraction
+
+
+def _interior_point(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    y, x = np.unravel_index(np.argmax(ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]), mask.shape)
+    return np.array([[x + 0.5, y + 0.5]])
+
+
+def _clip_recall(clip: object, scenes: list) -> float:
+    """Mean fraction of an image's classes (>= 0.5 % of pixels) found in its top-k zero-shot classes, k = #present."""
+    import torch
+
+    text = clip.encode_text(CLASS_NAMES, ("a photo of a {}.",))
+    pixels = torch.cat([clip.preprocess(s.image, size=clip.image_size) for s in scenes])
+    ranked = torch.argsort(clip.encode_image(pixels) @ text.T, dim=1, descending=True).numpy()
+    recalls = []
+    for scene, order in zip(scenes, ranked):
+        present = np.flatnonzero(np.bincount(scene.label.ravel(), minlength=12) >= 0.005 * scene.label.size)
+        recalls.append(np.isin(order[: len(present)], present).mean())
+    return float(np.mean(recalls))
+
+
+@pytest.mark.skipif(not (MODELS / "toy_clip.pt").is_file(), reason="trained toy CLIP not committed")
+def test_trained_toy_clip_beats_random_init_at_zero_shot_classification() -> None:
+    from pipeline.models.clip import Clip, ClipConfig
+
+    scenes = [render_scene(split_seed("val", i)) for i in range(24)]
+    trained = _clip_recall(Clip.build(ClipConfig(model_name="toy-vit", pretrained=str(MODELS / "toy_clip.pt"))), scenes)
+    random_init = _clip_recall(Clip.build(ClipConfig(model_name="toy-vit", pretrained=None)), scenes)
+    assert trained > random_init + CLIP_MARGIN
+
+
+@pytest.mark.skipif(not (MODELS / "toy_sam.pt").is_file(), reason="trained toy SAM not committed")
+def test_trained_toy_sam_beats_random_init_at_point_prompted_masks() -> None:
+    from pipeline.models.sam import Sam, SamConfig
+
+    def best_iou(sam: Sam) -> float:
+        ious = []
+        for index in range(4):
+            scene = render_scene(split_seed("val", index))
+            segments = [m for _, m in scene.segments() if m.sum() >= 24]
+            results = sam.predict_points(scene.image, [_interior_point(m) for m in segments])
+            for mask, (masks, _) in zip(segments, results):
+                ious.append(max((mask & m).sum() / (mask | m).sum() for m in masks))
+        return float(np.mean(ious))
+
+    trained = best_iou(Sam.build(SamConfig(model_type="toy", checkpoint=str(MODELS / "toy_sam.pt"))))
+    assert trained > best_iou(Sam.build(SamConfig(model_type="toy", checkpoint=None))) + SAM_MARGIN
