@@ -74,19 +74,32 @@ class MaskClipPredictor:
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """[1, 3, h, w] in [0, 1] -> [1, C, h, w] float32 logits (see the class docstring)."""
         import torch
-        import torch.nn.functional as F
 
-        _, _, height, width = pixels.shape
-        patch = self.clip.patch_size
         mean = torch.tensor(self.clip.mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
         std = torch.tensor(self.clip.std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-        normalised = (pixels.float() - mean) / std
-        padded_h, padded_w = -(-height // patch) * patch, -(-width // patch) * patch
-        normalised = F.pad(normalised, (0, padded_w - width, 0, padded_h - height))
-        features, _ = self.clip.dense_features(normalised)
-        scores = self.logit_scale * torch.einsum("bdhw,cd->bchw", features, self.text)
-        scores = F.interpolate(scores, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
-        return scores[:, :, :height, :width].to(pixels.device)
+
+        def grid_scores(normalised: torch.Tensor) -> torch.Tensor:
+            features, _ = self.clip.dense_features(normalised)
+            return self.logit_scale * torch.einsum("bdhw,cd->bchw", features, self.text)
+
+        return on_patch_grid((pixels.float() - mean) / std, self.clip.patch_size, grid_scores).to(pixels.device)
+
+
+def on_patch_grid(normalised: torch.Tensor, patch: int,
+                  grid_logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Run a patch-grid model on any image size.
+
+    Zero-pads the normalised pixels [1, 3, h, w] bottom/right to multiples of `patch` (zero = the mean colour
+    after normalisation), calls `grid_logits` (-> [1, C, ceil(h/p), ceil(w/p)]), upsamples bilinearly
+    (align_corners=False) to the padded size and crops back to [1, C, h, w].
+    """
+    import torch.nn.functional as F
+
+    _, _, height, width = normalised.shape
+    padded_h, padded_w = -(-height // patch) * patch, -(-width // patch) * patch
+    scores = grid_logits(F.pad(normalised, (0, padded_w - width, 0, padded_h - height)))
+    scores = F.interpolate(scores, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
+    return scores[:, :, :height, :width]
 
 
 def build_maskclip(method: Mapping[str, Any], vocab: Vocabulary, upstream: Mapping[str, StageOutput],

@@ -137,7 +137,7 @@ def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
     upstream = {port: StageOutput(fs.unstrip_protocol(join(root_path, up, fingerprints[up])))
                 for port, up in node.inputs.items()}
     context = StageContext(node=node.name, seed=int(cfg["seed"]), config=node.config, upstream=upstream,
-                           output_url=fs.unstrip_protocol(out_path))
+                           output_url=fs.unstrip_protocol(out_path), executor=executor_kind)
     stage = stage_cls(context)
     if not stage.sharded:
         extra = stage.run_unsharded()

@@ -70,6 +70,7 @@ class StageContext:
         config: the node's resolved config as plain data (no file paths to config files).
         upstream: input port -> the upstream stage output it reads.
         output_url: the fingerprint directory this run writes into.
+        executor: the run's executor ("ray" or "local"); "local" means no Ray anywhere, training included.
     """
 
     node: str
@@ -77,6 +78,7 @@ class StageContext:
     config: dict[str, Any]
     upstream: dict[str, StageOutput] = field(default_factory=dict)
     output_url: str = ""
+    executor: str = "ray"
 
 
 class Stage:

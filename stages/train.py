@@ -86,9 +86,14 @@ class TrainStage(Stage):
         return ids
 
     def run_unsharded(self) -> dict[str, Any]:
+        from dataclasses import replace
+
         from pipeline.trainer import fit
 
-        fit(TrainJob(self.context), self.cfg.resources, name=f"{self.context.node}-{self.context.output_url[-16:]}")
+        scaling = self.cfg.resources
+        if self.context.executor == "local":
+            scaling = replace(scaling, backend="local")
+        fit(TrainJob(self.context), scaling, name=f"{self.context.node}-{self.context.output_url[-16:]}")
         fs, path = fsspec.core.url_to_fs(self.context.output_url)
         rows = [json.loads(line) for line in fs.cat_file(join(path, "train_log.jsonl")).decode().splitlines()]
         steps, batch = self.cfg.loop.steps, self.cfg.batch_size

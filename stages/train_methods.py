@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.vocab import Vocabulary
+from pipeline.predictors import on_patch_grid
 from pipeline.shards import StageOutput
 from pipeline.trainer import lr_schedule
 
@@ -80,7 +81,10 @@ class IFSegPredictor:
 
     @torch.no_grad()
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        features, _ = self.clip.dense_features(normalize(pixels, self.clip.mean, self.clip.std))
+        return on_patch_grid(normalize(pixels, self.clip.mean, self.clip.std), self.clip.patch_size, self._grid)
+
+    def _grid(self, normalised: torch.Tensor) -> torch.Tensor:
+        features, _ = self.clip.dense_features(normalised)
         logits = self.method.predict_logits(self.model, features)
         if self.knn:  # propagation acts on probabilities; log keeps softmax(logits) == propagated probs
             return torch.log(self.method.postprocess(logits, features).clamp_min(1e-8))
@@ -134,7 +138,11 @@ class AlignPredictor:
 
     @torch.no_grad()
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.method.predict_logits(self.model, dinov2_features(self.dinov2, pixels))
+        from pipeline.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+        normalised = normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
+        return on_patch_grid(normalised, self.dinov2.patch_size,
+                             lambda x: self.method.predict_logits(self.model, self.dinov2.patch_features(x)))
 
 
 # -- ZegCLIP --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pipeline.stage import ConfigError
 from pipeline.trainer import CheckpointStore, lr_schedule, trainable_state
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["wordgrid.num_samples=400", "wordgrid.samples_per_shard=100", "train_ifseg.resources.backend=local",
+FAST = ["wordgrid.num_samples=400", "wordgrid.samples_per_shard=100",
         "train_ifseg.ifseg.label_size=32", "train_ifseg.batch_size=8"]
 
 
