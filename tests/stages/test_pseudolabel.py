@@ -192,5 +192,11 @@ def test_stage_yaml_mirrors_the_config_fields() -> None:
     fields = {f.name: f for f in dataclasses.fields(PseudoLabelConfig)}
     assert set(values) - {"stage", "inputs"} == set(fields)
     defaults = PseudoLabelConfig()
-    for name in set(fields) - {"vocab", "resources"}:
+    for name in set(fields) - {"vocab", "resources", "clip", "sam", "amg"}:
         assert values[name] == getattr(defaults, name), name
+    from pipeline.models.clip import ClipConfig
+    from pipeline.models.sam import AmgConfig, SamConfig
+
+    for name, cls in (("clip", ClipConfig), ("sam", SamConfig), ("amg", AmgConfig)):
+        model_defaults = {**dataclasses.asdict(cls()), **getattr(defaults, name)}
+        assert values[name] == pytest.approx(model_defaults), name  # every model knob listed, defaults unchanged
