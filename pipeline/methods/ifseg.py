@@ -237,6 +237,10 @@ class IFSegMethod:
     def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, float]]:
         """Pixel CE of bilinearly upsampled logits against the nearest-upsampled grid (§1.3 item 4).
 
+        As in IFSeg, tokens (grid_size) and labels (label_size) are separate nearest upsamplings of the grid, so
+        cell borders differ by up to half a token between them: `pixel_acc` stays below 1 even for a perfect
+        token classifier (set label_size = grid_size to score tokens).
+
         Args:
             model: the decoder (possibly wrapped, e.g. DDP; only called, never inspected).
             batch: {"grids": list of int [U, V] category-id maps}, sizes may differ per grid.
