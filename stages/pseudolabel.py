@@ -30,18 +30,16 @@ quality report can compare 1.1, 1.2 and the merge in one run (see `stages.pseudo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import fsspec
 import numpy as np
 
 from pipeline.data.records import ImageRecord, ItemRef
 from pipeline.data.vocab import Vocabulary
-from pipeline.metrics import to_json
-from pipeline.shards import SampleOutput, ShardDone, join
+from pipeline.shards import SampleOutput, ShardDone
 from pipeline.stage import ShardPlan, Stage
 from stages.pseudolabel_config import (
     METHOD_KNOBS,
@@ -54,16 +52,8 @@ from stages.pseudolabel_config import (
     model_config,
     sam_identity,
 )
-from stages.pseudolabel_models import ClipCanvas, generate_from_embeddings, prepare_canvas, sliding_features
-from stages.pseudolabel_output import (
-    QUALITY_FILE,
-    SAMPLE_FILES,
-    QualityAccumulator,
-    mask_record,
-    merge_quality,
-    sample_files,
-    summarize_quality,
-)
+from stages.pseudolabel_models import Loaded, generate_from_embeddings, prepare_canvas, sliding_features
+from stages.pseudolabel_output import SAMPLE_FILES, QualityAccumulator, finalize_quality, mask_records, sample_files
 
 if TYPE_CHECKING:
     import torch
@@ -282,17 +272,14 @@ def merge(stage11: Sequence[LabelledMask], stage12: Sequence[LabelledMask], hw: 
 
 
 @dataclass
-class Loaded:
-    """A decoded input (prefetch thread): the record and, when it loaded, its CLIP canvas."""
+class PseudoLabels:
+    """One image's result: present class ids, both producers' masks, the output label map, the masks it uses."""
 
-    record: ImageRecord
-    canvas: ClipCanvas | None = None
-
-
-def _rle(mask: np.ndarray) -> dict[str, Any]:
-    from pipeline.models.sam import mask_to_rle
-
-    return mask_to_rle(mask)
+    present: np.ndarray
+    stage11: list[LabelledMask]
+    stage12: list[LabelledMask]
+    label: np.ndarray
+    kept: list[LabelledMask]
 
 
 class PseudoLabelStage(Stage):
@@ -334,6 +321,7 @@ class PseudoLabelStage(Stage):
         self.stride = self.cfg.stride or max(patch, self.crop // 2 // patch * patch)
         names = self.vocab.prompt_names(self.cfg.name_variant)
         self.text = self.clip.encode_text(names, self.templates)
+        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.context.node}-encode")
 
     def load(self, item: ItemRef) -> Loaded:
         record = self.adapter.load(item)
@@ -343,18 +331,29 @@ class PseudoLabelStage(Stage):
                                              self.cfg.image_short_side))
 
     def process_batch(self, loaded: Sequence[Loaded]) -> list[SampleOutput]:
+        """Model calls batched over the good images; file encoding of image i overlaps compute of image i+1.
+
+        Per-shard counters (quality matrices, mask counts) change only after the whole batch succeeded, so the
+        executor's one-by-one retry of a failed batch never counts an image twice.
+        """
         good = [item for item in loaded if item.record.ok]
         outputs = {item.record.key: SampleOutput(item.record.key, None, item.record.meta.get("source", ""),
                                                  error=item.record.error) for item in loaded if not item.record.ok}
+        results: list[tuple[ImageRecord, PseudoLabels]] = []
         if good:
             features = sliding_features(self.clip, [item.canvas for item in good])
             embeddings = self.sam.embed_images([item.record.image for item in good])
+            pending = {}
             for index, (item, feats) in enumerate(zip(good, features, strict=True)):
-                outputs[item.record.key] = self._sample(item.record, feats, embeddings, index)
+                results.append((item.record, self._pseudo_label(item.record, feats, embeddings, index)))
+                pending[item.record.key] = self.encoder.submit(self._encode, *results[-1])
+            outputs |= {key: future.result() for key, future in pending.items()}
+        for record, result in results:
+            self._account(record, result)
         return [outputs[item.record.key] for item in loaded]
 
-    def _sample(self, record: ImageRecord, feats: SlidingFeatures, embeddings: SamImageEmbeddings,
-                index: int) -> SampleOutput:
+    def _pseudo_label(self, record: ImageRecord, feats: SlidingFeatures, embeddings: SamImageEmbeddings,
+                      index: int) -> PseudoLabels:
         cfg, image = self.cfg, record.image
         text = self.text.cpu().numpy()
         present = present_classes(feats.crop_cls.cpu().numpy(), text, cfg.min_crops)
@@ -363,22 +362,27 @@ class PseudoLabelStage(Stage):
         run12 = present.size > 0 and (cfg.mode != "stage11" or has_gt)
         stage11 = self._stage11(feats, embeddings, index, text, present) if run11 else []
         stage12 = self._stage12(image, feats, embeddings, index, text, present) if run12 else []
-        hw, ignore, dtype = image.shape[:2], self.vocab.ignore_index, self.vocab.label_dtype
         chosen = {"stage11": (stage11, []), "stage12": ([], stage12), "both": (stage11, stage12)}[cfg.mode]
-        label = merge(*chosen, hw, cfg.merge_policy, ignore, dtype)
-        if has_gt:
-            self.quality.update(record.label, {"stage11": paint(stage11, hw, ignore, dtype)[0],
-                                               "stage12": paint(stage12, hw, ignore, dtype)[0],
-                                               "merged": merge(stage11, stage12, hw, cfg.merge_policy, ignore, dtype)})
-        kept = [*chosen[0], *chosen[1]]
-        for item in kept:
-            self.mask_counts[item.producer] += 1
-        masks = [mask_record(item.rle or _rle(item.mask), item.category_id, item.score, item.producer)
-                 for item in kept]
-        gt = record.label if has_gt and cfg.keep_ground_truth else None
-        files = sample_files(image, cfg.image_format, label, masks, gt, self._provenance(record, present, kept),
-                             cfg.jpeg_quality)
+        label = merge(*chosen, image.shape[:2], cfg.merge_policy, self.vocab.ignore_index, self.vocab.label_dtype)
+        return PseudoLabels(present, stage11, stage12, label, [*chosen[0], *chosen[1]])
+
+    def _encode(self, record: ImageRecord, result: PseudoLabels) -> SampleOutput:
+        cfg = self.cfg
+        gt = record.label if cfg.keep_ground_truth else None
+        files = sample_files(record.image, cfg.image_format, result.label, mask_records(result.kept), gt,
+                             self._provenance(record, result.present, result.kept), cfg.jpeg_quality)
         return SampleOutput(record.key, files, record.meta.get("source", ""))
+
+    def _account(self, record: ImageRecord, result: PseudoLabels) -> None:
+        for item in result.kept:
+            self.mask_counts[item.producer] += 1
+        if record.label is None:
+            return
+        hw, ignore, dtype = record.label.shape, self.vocab.ignore_index, self.vocab.label_dtype
+        self.quality.update(record.label, {
+            "stage11": paint(result.stage11, hw, ignore, dtype)[0],
+            "stage12": paint(result.stage12, hw, ignore, dtype)[0],
+            "merged": merge(result.stage11, result.stage12, hw, self.cfg.merge_policy, ignore, dtype)})
 
     def _stage11(self, feats: SlidingFeatures, embeddings: SamImageEmbeddings, index: int, text: np.ndarray,
                  present: np.ndarray) -> list[LabelledMask]:
@@ -427,15 +431,7 @@ class PseudoLabelStage(Stage):
         return extra
 
     def finalize(self, done: list[ShardDone]) -> dict[str, Any]:
-        num_masks = {p: sum(d.extra.get("num_masks", {}).get(p, 0) for d in done) for p in ("stage11", "stage12")}
-        matrices = merge_quality(d.extra.get("quality") or {} for d in done)
-        if not matrices:
-            return {"num_masks": num_masks}
-        quality = {"vocab": self.vocab.name, "merge_policy": self.cfg.merge_policy,
-                   **summarize_quality(matrices, self.vocab.names)}
-        fs, path = fsspec.core.url_to_fs(self.context.output_url)
-        fs.pipe_file(join(path, QUALITY_FILE), to_json(quality).encode())
-        return {"num_masks": num_masks, "quality": json.loads(to_json(quality, indent=None))}
+        return finalize_quality([d.extra for d in done], self.vocab, self.cfg.merge_policy, self.context.output_url)
 
     def manifest_extra(self) -> dict[str, Any]:
         return {"vocab": self.vocab.to_dict(), "sample_files": SAMPLE_FILES}

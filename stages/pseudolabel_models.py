@@ -19,6 +19,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from pipeline.data.records import ImageRecord
     from pipeline.models.clip import Clip
     from pipeline.models.sam import AmgConfig, Sam, SamImageEmbeddings
     from pipeline.models.sliding import SlidingFeatures
@@ -42,6 +43,14 @@ class ClipCanvas:
     resized_hw: tuple[int, int]
     scale: float
     image_hw: tuple[int, int]
+
+
+@dataclass
+class Loaded:
+    """A decoded input (prefetch thread): the record and, when it loaded, its CLIP canvas."""
+
+    record: ImageRecord
+    canvas: ClipCanvas | None = None
 
 
 def canvas_scale(image_hw: tuple[int, int], short_side: int | None) -> float:

@@ -72,6 +72,13 @@ def mask_record(rle: Mapping[str, Any], category_id: int, score: float, producer
             "area": int(mask_utils.area(compressed)), "bbox": [int(v) for v in mask_utils.toBbox(compressed)]}
 
 
+def mask_records(masks: Iterable[Any]) -> list[dict[str, Any]]:
+    """masks.json entries of `stages.pseudolabel.LabelledMask` items (RLE-encoded here unless already known)."""
+    from pipeline.models.sam import mask_to_rle
+
+    return [mask_record(m.rle or mask_to_rle(m.mask), m.category_id, m.score, m.producer) for m in masks]
+
+
 def sample_files(image: np.ndarray | None, image_format: str, label: np.ndarray, masks: Sequence[dict[str, Any]],
                  gt: np.ndarray | None, provenance: Mapping[str, Any], jpeg_quality: int = 95) -> dict[str, bytes]:
     """The files of one "pseudolabel/1" sample (see docs/schema.md): image, label.png, masks.json, gt.png, json."""
@@ -143,3 +150,25 @@ def summarize_quality(matrices: Mapping[str, ConfusionMatrix], names: Sequence[s
             "num_labelled_pixels": labelled,
         }
     return summary
+
+
+def finalize_quality(extras: Sequence[Mapping[str, Any]], vocab: Vocabulary, merge_policy: str,
+                     output_url: str) -> dict[str, Any]:
+    """Driver side: sum the shards' done-marker extras; write `QUALITY_FILE` when there was ground truth.
+
+    Returns:
+        Manifest fields: ``num_masks`` per producer and, with ground truth, ``quality`` (`summarize_quality`).
+    """
+    import fsspec
+
+    from pipeline.metrics import to_json
+    from pipeline.shards import join
+
+    num_masks = {p: sum(e.get("num_masks", {}).get(p, 0) for e in extras) for p in ("stage11", "stage12")}
+    matrices = merge_quality(e.get("quality") or {} for e in extras)
+    if not matrices:
+        return {"num_masks": num_masks}
+    quality = {"vocab": vocab.name, "merge_policy": merge_policy, **summarize_quality(matrices, vocab.names)}
+    fs, path = fsspec.core.url_to_fs(output_url)
+    fs.pipe_file(join(path, QUALITY_FILE), to_json(quality).encode())
+    return {"num_masks": num_masks, "quality": json.loads(to_json(quality, indent=None))}

@@ -232,3 +232,28 @@ def test_stage_end_to_end_on_camvid_through_the_runner(tmp_path: Path, shared_da
     assert sorted(n.split(".", 1)[1] for n in names) == ["gt.png", "jpg", "json", "label.png", "masks.json"]
     assert gt.shape == (360, 480) and set(np.unique(gt)) <= set(range(11)) | {255}
     assert [s.status for s in run(cfg)] == ["up to date"]
+
+
+def test_a_failing_image_fails_alone_and_counters_count_each_good_image_once(tmp_path: Path) -> None:
+    from pipeline.executor import run_shard
+
+    stage = ready_stage(tmp_path, labeler="crop")
+    plan = stage.plan()[0]
+    bad_key = plan.items[1].key
+    original = stage._pseudo_label
+
+    def flaky(record: object, *args: object) -> object:
+        if record.key == bad_key:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original(record, *args)
+
+    stage._pseudo_label = flaky
+    done = run_shard(stage, plan, batch_size=3)
+    assert (done.count, done.failed) == (2, 1)
+    with tarfile.open(tmp_path / "000000.tar") as tar:
+        masks = [json.loads(tar.extractfile(n).read()) for n in tar.getnames() if n.endswith(".masks.json")]
+    assert done.extra["num_masks"] == {p: sum(m["producer"] == p for ms in masks for m in ms)
+                                       for p in ("stage11", "stage12")}
+    good = [stage.adapter.load(ref).label for ref in plan.items if ref.key != bad_key]
+    counted = sum(map(sum, done.extra["quality"]["merged"]["matrix"]))
+    assert counted == sum(int((label != 255).sum()) for label in good)
