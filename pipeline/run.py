@@ -144,7 +144,8 @@ def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
         summary = NodeSummary(node.name, "ran", int(extra.get("num_samples", 0)), 0, 0, time.perf_counter() - started)
         manifest = {**_manifest(node, stage, fingerprint, fingerprints, []), **extra}
     else:
-        shards = _run_shards(stage, node, fs, out_path, fingerprint, forced, executor_kind)
+        shards = _run_shards(stage, node, fs, out_path, fingerprint, forced, executor_kind,
+                             bool(cfg.get("retry_failed", False)))
         summary = NodeSummary(node.name, "ran", sum(d.count for d in shards), sum(d.failed for d in shards),
                               len(shards), time.perf_counter() - started)
         _check_failure_ratio(summary, float(cfg.get("max_failure_ratio", 0.0)))
@@ -155,14 +156,15 @@ def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
 
 
 def _run_shards(stage: Stage, node: dag.Node, fs: fsspec.AbstractFileSystem, out_path: str, fingerprint: str,
-                forced: bool, executor_kind: str) -> list[ShardDone]:
-    """Run the shards without a valid done-marker; return every shard's marker in plan order."""
+                forced: bool, executor_kind: str, retry_failed: bool = False) -> list[ShardDone]:
+    """Run the shards without a valid done-marker (and, with `retry_failed`, those that recorded failed samples);
+    return every shard's marker in plan order."""
     plans = stage.plan()
     done: dict[int, ShardDone] = {}
     if not forced:
         for plan in plans:
             marker = read_done(fs, out_path, plan.index, fingerprint)
-            if marker is not None:
+            if marker is not None and not (retry_failed and marker.failed):
                 done[plan.index] = marker
     todo = [plan for plan in plans if plan.index not in done]
     resources = build_config(Resources, node.config.get("resources") or {}, f"{node.name}.resources")

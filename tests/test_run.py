@@ -82,6 +82,9 @@ def test_failure_ratio_exit_code_and_failed_rows(tmp_path, capsys):
     assert main(argv) == 1
     assert "10 of 100 samples failed" in capsys.readouterr().err
     assert main([*argv, "max_failure_ratio=0.2"]) == 0  # shards are reused; only the check changes
+    capsys.readouterr()
+    assert main([*argv, "max_failure_ratio=0.2", "retry_failed=true", "stages=[gridstats]"]) == 0
+    assert "1 of 1 shards to run" in capsys.readouterr().err  # the shard with failures is redone
     import pyarrow.parquet as pq
     rows = pq.read_table(next((tmp_path / "gridstats").glob("*/000000.parquet"))).to_pylist()
     assert sum(r["status"] == "failed" for r in rows) == 10 and rows[0]["error"] == "injected failure"
