@@ -40,7 +40,7 @@ import numpy as np
 from pipeline.data.records import ImageRecord, ItemRef
 from pipeline.data.vocab import Vocabulary
 from pipeline.shards import SampleOutput, ShardDone
-from pipeline.stage import ShardPlan, Stage
+from pipeline.stage import ConfigError, ShardPlan, Stage
 from stages.pseudolabel_config import (
     METHOD_KNOBS,
     SCHEMA,
@@ -319,6 +319,9 @@ class PseudoLabelStage(Stage):
         self.crop = self.cfg.crop or self.clip.image_size
         patch = self.clip.patch_size
         self.stride = self.cfg.stride or max(patch, self.crop // 2 // patch * patch)
+        if self.crop % patch or self.stride % patch:
+            raise ConfigError(f"{self.context.node}.crop={self.crop} and .stride={self.stride} must be multiples of "
+                              f"CLIP {self.clip.cfg.model_name}'s patch size {patch}")
         names = self.vocab.prompt_names(self.cfg.name_variant)
         self.text = self.clip.encode_text(names, self.templates)
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.context.node}-encode")

@@ -98,6 +98,13 @@ def test_crop_labeller_gives_each_mask_the_class_made_from_its_own_crop(tmp_path
     assert probs.shape == (3,) and (probs > 1 / 3).all()
 
 
+def test_crop_off_the_patch_grid_fails_at_setup_naming_the_keys(tmp_path: Path) -> None:
+    from pipeline.stage import ConfigError
+
+    with pytest.raises(ConfigError, match="pl.crop=60 and .stride=32 must be multiples"):
+        ready_stage(tmp_path, crop=60)
+
+
 def _decode_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
