@@ -29,7 +29,6 @@ Per sample the stage writes `<method>.png` (prediction, eval-vocabulary train id
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -44,6 +43,7 @@ from pipeline.data.vocab import Vocabulary, load_vocab
 from pipeline.eval_methods import MethodSpec, parse_methods
 from pipeline.eval_vocab import fold_background_words, unseen_only_lut, unseen_only_vocab, with_background_words
 from pipeline.metrics import ConfusionMatrix, compute_metrics, to_json
+from pipeline.samples import encode_label_png
 from pipeline.shards import SampleOutput, join
 from pipeline.stage import ConfigError, Resources, ShardPlan, Stage
 from pipeline.upstream_labels import decode_label_png, index_keys, read_label_pngs
@@ -104,15 +104,6 @@ class Loaded:
     ref: ItemRef
     record: ImageRecord
     label_pngs: dict[str, bytes | None]
-
-
-def png_bytes(label: np.ndarray, dtype: type[np.unsignedinteger]) -> bytes:
-    """PNG of an [H, W] id map stored as `dtype` (uint8 -> mode L, uint16 -> mode I;16)."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(label.astype(dtype))).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class EvalStage(Stage):
@@ -291,7 +282,8 @@ class EvalStage(Stage):
         if len(self.report_keys) < self.cfg.num_report_samples:
             self.report_keys.append(key)
         dtype = self.eval_vocab.label_dtype
-        files = {f"{name}.png": png_bytes(pred, dtype) for name, pred in preds.items() if pred is not None}
+        files = {f"{name}.png": encode_label_png(pred.astype(dtype))
+                 for name, pred in preds.items() if pred is not None}
         meta = {"schema": SCHEMA, "key": key, "source": source, "orig_size": list(gt.shape),
                 "vocab": self.eval_vocab.name, "vocab_digest": self.eval_vocab.digest(),
                 "gt_filter": self.cfg.gt_filter, "methods": sorted(files),

@@ -15,15 +15,14 @@ From it `summarize_quality` reports, per map:
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from pipeline.metrics import ConfusionMatrix, compute_metrics
+from pipeline.samples import encode_image, encode_label_png
 
 if TYPE_CHECKING:
     from pipeline.data.vocab import Vocabulary
@@ -38,25 +37,6 @@ SAMPLE_FILES = {
     "gt.png": "ground-truth train ids in the same convention (when the input has GT and keep_ground_truth)",
     "json": "provenance: schema, key, source, orig_size, vocab, vocab_digest, models, config, present_classes",
 }
-
-
-def encode_label_png(label: np.ndarray) -> bytes:
-    """PNG bytes of an [H, W] uint8 (mode L) or uint16 (mode I;16) label map; values are kept exactly."""
-    if label.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"label maps are uint8 or uint16, got {label.dtype}")
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(label)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def encode_image(image: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:
-    """JPEG (quality `jpeg_quality`, 4:4:4) or PNG bytes of an HxWx3 uint8 RGB image."""
-    buffer = io.BytesIO()
-    if image_format == "jpg":
-        Image.fromarray(image).save(buffer, format="JPEG", quality=jpeg_quality, subsampling=0)
-    else:
-        Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def mask_record(rle: Mapping[str, Any], category_id: int, score: float, producer: str) -> dict[str, Any]:

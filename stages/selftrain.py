@@ -39,9 +39,10 @@ import numpy as np
 
 from pipeline.data.records import ImageRecord, ItemRef
 from pipeline.data.vocab import Vocabulary, load_vocab
+from pipeline.samples import encode_image, encode_label_png
 from pipeline.shards import SampleOutput, StageOutput, join, write_atomic
 from pipeline.stage import ConfigError, Resources, ShardPlan, Stage
-from stages.selftrain_files import class_regions, encode_image, encode_label_png
+from stages.selftrain_files import class_regions
 from stages.selftrain_policies import (
     DEFAULT_EVAL_SPLITS,
     GT_POLICIES,

@@ -1,36 +1,12 @@
-"""File encoders of "pseudolabel/1" samples written by the selftrain stage: images, label maps, class regions."""
+"""Per-class regions (masks.json entries) of the "pseudolabel/1" samples written by the selftrain stage."""
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 
 PRODUCER = "selftrain"
-
-
-def encode_image(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:
-    """[H, W, 3] uint8 RGB as JPEG (quality `quality`, 4:4:4 chroma) or PNG bytes (PIL, no metadata)."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    if fmt == "jpg":
-        Image.fromarray(image).save(buffer, format="JPEG", quality=quality, subsampling=0)
-    else:
-        Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def encode_label_png(label: np.ndarray) -> bytes:
-    """PNG bytes of an [H, W] uint8 (mode L) or uint16 (mode I;16) label map; values are kept exactly."""
-    from PIL import Image
-
-    if label.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"label maps are uint8 or uint16, got {label.dtype}")
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(label)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def class_scores(label: np.ndarray, scores: np.ndarray, ignore_index: int) -> np.ndarray:

@@ -22,9 +22,10 @@ from pipeline.eval_vocab import unseen_only_lut
 from pipeline.executor import run_shard
 from pipeline.inference import load_protocol, predict
 from pipeline.metrics import ConfusionMatrix, compute_metrics
+from pipeline.samples import encode_label_png
 from pipeline.shards import SampleOutput, StageOutput, commit_shard, iter_tar_samples, write_stage_index
 from pipeline.stage import ConfigError, StageContext
-from stages.evaluate import EvalStage, png_bytes
+from stages.evaluate import EvalStage
 
 TOY_DATA = {"kind": "toyworld", "split": "val", "num_images": 5, "size": 64}
 
@@ -229,7 +230,8 @@ def write_upstream_labels(directory: Path, labels: dict[str, np.ndarray], vocab:
     import fsspec
 
     fs, items = fsspec.filesystem("file"), list(labels.items())
-    samples = [SampleOutput(key, {"label.png": png_bytes(label, np.uint8), "json": b"{}"}) for key, label in items]
+    samples = [SampleOutput(key, {"label.png": encode_label_png(label.astype(np.uint8)), "json": b"{}"})
+               for key, label in items]
     done = [commit_shard(fs, str(directory), i, samples[start:start + 2], "fp")
             for i, start in enumerate(range(0, len(samples), 2))]
     manifest = {"fingerprint": "fp", "shards": [{"name": f"{d.shard}.tar"} for d in done],

@@ -214,12 +214,12 @@ def test_end_to_end_through_the_runner(tmp_path, monkeypatch):
     predictor = FixedLogitsPredictor(TOY_LOGITS)
     monkeypatch.setattr(selftrain, "load_predictor", lambda output, vocab, device, knn: predictor)
     overrides = [f"output_root={tmp_path}", "executor=local", "+model={stage:fakemodel,inputs:{}}",
-                 "+stage@selftrain=selftrain", "selftrain.inputs.model=model", "selftrain.policy=zsseg_st",
-                 "+selftrain.data.num_images=3", "+selftrain.data.size=32", "selftrain.samples_per_shard=2",
-                 "+selftrain.protocol_overrides.short_side=32", "stages=[model,selftrain]"]
+                 "+stage@st=selftrain", "st.inputs.model=model", "st.policy=zsseg_st",
+                 "+st.data={kind:toyworld,split:train,num_images:3,size:32}", "st.samples_per_shard=2",
+                 "+st.protocol_overrides.short_side=32", "stages=[model,st]"]
     summaries = run(compose("demo", overrides))
-    assert [(s.node, s.status, s.samples, s.failed, s.shards) for s in summaries][1] == ("selftrain", "ran", 3, 0, 2)
-    output = open_stage(str(tmp_path / "selftrain"))
+    assert [(s.node, s.status, s.samples, s.failed, s.shards) for s in summaries][1] == ("st", "ran", 3, 0, 2)
+    output = open_stage(str(tmp_path / "st"))
     model_fp = open_stage(str(tmp_path / "model")).fingerprint
     samples = list(output.samples())
     assert [s["__key__"] for s in samples] == ["toy_train_000000", "toy_train_000001", "toy_train_000002"]
@@ -230,7 +230,7 @@ def test_end_to_end_through_the_runner(tmp_path, monkeypatch):
         np.testing.assert_array_equal(label, expected)
         assert json.loads(sample["json"])["models"]["model"] == model_fp
         unseen_pixels += int(np.isin(gt, [5, 9, 10]).sum())
-    report = json.loads((tmp_path / "selftrain" / output.fingerprint / "selftrain_quality.json").read_text())
+    report = json.loads((tmp_path / "st" / output.fingerprint / "selftrain_quality.json").read_text())
     assert report["policy"] == "zsseg_st" and report["metrics"]["num_pixels"] == unseen_pixels > 0
     assert report["pixels"]["from_model"] == unseen_pixels
     assert output.manifest["selftrain"]["quality_file"] == "selftrain_quality.json"
@@ -239,7 +239,7 @@ def test_end_to_end_through_the_runner(tmp_path, monkeypatch):
 
 def test_label_png_keeps_uint16_ids_exactly():
     from pipeline.data.images import read_label_png
-    from stages.selftrain_files import encode_label_png
+    from pipeline.samples import encode_label_png
 
     label = np.array([[0, 300], [65535, 171]], dtype=np.uint16)
     np.testing.assert_array_equal(read_label_png(encode_label_png(label)), label)
