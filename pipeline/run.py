@@ -128,8 +128,9 @@ def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
     manifest_path = join(out_path, MANIFEST_NAME)
     if fs.exists(manifest_path) and not forced:
         existing = StageOutput(fs.unstrip_protocol(out_path))
-        return NodeSummary(node.name, "up to date", existing.num_samples, existing.manifest["num_failed"],
-                           len(existing.manifest["shards"]), 0.0)
+        if not (cfg.get("retry_failed") and existing.manifest["num_failed"]):
+            return NodeSummary(node.name, "up to date", existing.num_samples, existing.manifest["num_failed"],
+                               len(existing.manifest["shards"]), 0.0)
     if forced and fs.exists(manifest_path):
         fs.rm_file(manifest_path)
     started = time.perf_counter()
@@ -234,12 +235,18 @@ def run(cfg: Mapping[str, Any]) -> list[NodeSummary]:
     check_inputs_exist(nodes, selected, fingerprints, fs, root_path)
     summaries = []
     for name in selected:
-        if cfg.get("executor", "ray") == "ray" and not _up_to_date(fs, root_path, name, fingerprints, forced):
+        if cfg.get("executor", "ray") == "ray" and not _up_to_date(fs, root_path, name, fingerprints,
+                                                                    forced | _retrying(cfg, nodes)):
             init_ray(cfg.get("ray") or {})
         summary = run_node(nodes[name], cfg, fingerprints, root, name in forced, cfg.get("executor", "ray"))
         print(summary.line(), flush=True)
         summaries.append(summary)
     return summaries
+
+
+def _retrying(cfg: Mapping[str, Any], nodes: Mapping[str, dag.Node]) -> set[str]:
+    """With retry_failed, every node may have work (its manifest is checked in run_node)."""
+    return set(nodes) if cfg.get("retry_failed") else set()
 
 
 def _up_to_date(fs: fsspec.AbstractFileSystem, root: str, name: str, fingerprints: Mapping[str, str],

@@ -33,7 +33,7 @@ def _shard_bytes(root: Path) -> list[bytes]:
 def test_ray_executor_matches_local_executor_bytes(tmp_path):
     import ray
 
-    common = ["wordgrid.num_samples=1200", "wordgrid.samples_per_shard=200"]
+    common = ["stages=[wordgrid]", "wordgrid.num_samples=1200", "wordgrid.samples_per_shard=200"]
     run(compose("demo", [f"output_root={tmp_path / 'local'}", "executor=local", *common]))
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     try:

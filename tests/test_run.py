@@ -26,7 +26,10 @@ def probe_stage(monkeypatch):
 
 
 def config(root: Path | str, *overrides: str) -> dict:
+    """The demo preset restricted to wordgrid (and the probe node when added): the foundation under test."""
     base = [f"output_root={root}", "executor=local", "wordgrid.num_samples=300", "wordgrid.samples_per_shard=100"]
+    if not any(o.startswith("stages=") for o in overrides):
+        base.append("stages=[wordgrid,gridstats]" if PROBE in overrides else "stages=[wordgrid]")
     return compose("demo", [*base, *overrides])
 
 
@@ -78,13 +81,16 @@ def test_single_stage_rerun_reads_existing_upstream(tmp_path):
 
 def test_failure_ratio_exit_code_and_failed_rows(tmp_path, capsys):
     argv = [f"output_root={tmp_path}", "executor=local", "wordgrid.num_samples=100", PROBE,
-            "+gridstats.fail_every=10"]
+            "+gridstats.fail_every=10", "stages=[wordgrid,gridstats]"]
     assert main(argv) == 1
     assert "10 of 100 samples failed" in capsys.readouterr().err
     assert main([*argv, "max_failure_ratio=0.2"]) == 0  # shards are reused; only the check changes
-    capsys.readouterr()
-    assert main([*argv, "max_failure_ratio=0.2", "retry_failed=true", "stages=[gridstats]"]) == 0
-    assert "1 of 1 shards to run" in capsys.readouterr().err  # the shard with failures is redone
+    marker = next((tmp_path / "gridstats").glob("*/000000.done.json"))
+    before = marker.stat().st_mtime_ns
+    assert main([*argv, "max_failure_ratio=0.2"]) == 0
+    assert marker.stat().st_mtime_ns == before  # reused
+    assert main([*argv[:-1], "max_failure_ratio=0.2", "retry_failed=true", "stages=[gridstats]"]) == 0
+    assert marker.stat().st_mtime_ns > before  # the shard with failed samples is redone
     import pyarrow.parquet as pq
     rows = pq.read_table(next((tmp_path / "gridstats").glob("*/000000.parquet"))).to_pylist()
     assert sum(r["status"] == "failed" for r in rows) == 10 and rows[0]["error"] == "injected failure"
@@ -94,6 +100,7 @@ def test_failure_ratio_exit_code_and_failed_rows(tmp_path, capsys):
     (["wordgrid.max_grid=3"], "max_grid"),
     (["conf=nope"], "presets"),
     (["stages=[nope]"], "not nodes"),
+    (["stages=[train_ifseg]"], "run it first"),
     (["wordgrid.max_grid_size=abc"], "expected int"),
 ])
 def test_bad_config_exits_2_with_a_message(tmp_path, capsys, argv, message):
@@ -112,7 +119,7 @@ def test_remote_fsspec_root(tmp_path):
 
 
 def _cli(root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.run", f"output_root={root}", "executor=local",
+    return [sys.executable, "-m", "pipeline.run", f"output_root={root}", "executor=local", "stages=[wordgrid]",
             "wordgrid.num_samples=6000", "wordgrid.samples_per_shard=250", *extra]
 
 
