@@ -52,7 +52,7 @@ def test_build_predictor_rejects_labels_and_unknown_kinds():
 def test_maskclip_baseline_end_to_end_through_the_runner(tmp_path):
     overrides = [
         f"output_root={tmp_path}", "executor=local", "stages=[evalnode]", "+stage@evalnode=eval",
-        "evalnode.data.num_images=3", "evalnode.data.size=64", "evalnode.samples_per_shard=2",
+        "+evalnode.data={kind:toyworld,split:val,num_images:3,size:64}", "evalnode.samples_per_shard=2",
         "evalnode.num_report_samples=2", "+evalnode.protocol_overrides.short_side=64",
         "evalnode.methods=[{name:maskclip,kind:maskclip,clip:{model_name:toy-vit},templates:single},"
         "{name:maskclip_slide,kind:maskclip,clip:{model_name:toy-vit},templates:single,protocol:tcl,"

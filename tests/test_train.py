@@ -68,12 +68,14 @@ def test_predictor_serves_any_vocabulary(tmp_path):
 
     output = open_stage(str(tmp_path / "train_ifseg"))
     toy = load_predictor(output, load_vocab("toy"))
-    pixels = torch.rand(1, 3, 64, 64)
-    assert toy.logits(pixels).shape == (1, 12, 8, 8)  # toy-vit: patch 8
+    pixels = torch.rand(1, 3, 60, 52)  # not a multiple of the patch (8): padded, then cropped back
+    assert toy.logits(pixels).shape == (1, 12, 60, 52)
     subset = load_vocab("toy").subset(["sky", "road", "car"], name="three")
-    assert load_predictor(output, subset).logits(pixels).shape == (1, 3, 8, 8)
+    three = load_predictor(output, subset).logits(pixels)
+    assert three.shape == (1, 3, 60, 52)
+    assert torch.allclose(three, toy.logits(pixels)[:, [0, 2, 7]], atol=1e-4)  # same model, classifier subset
     knn = load_predictor(output, load_vocab("toy"), knn=True).logits(pixels)
-    assert torch.allclose(knn.softmax(1).sum(1), torch.ones(1, 8, 8), atol=1e-4)
+    assert torch.allclose(knn.softmax(1).sum(1), torch.ones(1, 60, 52), atol=1e-4)
 
 
 def test_wrong_ports_for_method_fail_before_work(tmp_path):
