@@ -94,7 +94,8 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
 
 def upsample_grid(grid: np.ndarray, height: int, width: int) -> np.ndarray:
     """Nearest-neighbour resize of a [U, V] id grid to [height, width], exactly as IFSeg's Resize(NEAREST)."""
-    return grid[nearest_indices(grid.shape[0], height)[:, None], nearest_indices(grid.shape[1], width)[None, :]]
+    rows = np.take(grid, nearest_indices(grid.shape[0], height), axis=0)
+    return np.take(rows, nearest_indices(grid.shape[1], width), axis=1)
 
 
 def grid_to_maps(grid: np.ndarray, token_size: int = 32, label_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -125,6 +126,7 @@ class WordGridStage(Stage):
             raise ConfigError(f"{context.node}: need 1 <= min_grid_size <= max_grid_size, got "
                               f"{cfg.min_grid_size}, {cfg.max_grid_size}")
         self.vocab: Vocabulary = load_vocab(cfg.vocab)
+        self.vocab_digest = self.vocab.digest()
         self.groups = self._groups() if cfg.hierarchical else None
 
     def _groups(self) -> list[tuple[int, ...]]:
@@ -134,7 +136,7 @@ class WordGridStage(Stage):
         return list(self.vocab.coarse_groups().values())
 
     def identities(self) -> dict[str, str]:
-        return {"vocab": self.vocab.digest()}
+        return {"vocab": self.vocab_digest}
 
     def plan(self) -> list[ShardPlan]:
         n, per = self.cfg.num_samples, self.cfg.samples_per_shard
@@ -153,7 +155,7 @@ class WordGridStage(Stage):
         meta = {
             "index": index, "height": grid.shape[0], "width": grid.shape[1], "seed": seed,
             "spawn_key": [zlib.crc32(node.encode()), index], "vocab": self.vocab.name,
-            "vocab_digest": self.vocab.digest(), "max_grid_size": cfg.max_grid_size,
+            "vocab_digest": self.vocab_digest, "max_grid_size": cfg.max_grid_size,
             "hierarchical": cfg.hierarchical, "schema": SCHEMA,
         }
         files = {"grid.npy": encode_npy(grid.astype(self.vocab.label_dtype)),
