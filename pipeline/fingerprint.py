@@ -17,6 +17,9 @@ from typing import Any
 
 # Node-config keys that never change what a stage writes: where it runs and how fast.
 NON_RESULT_KEYS = frozenset({"resources", "inputs"})
+# Keys holding weight references (paths / URLs / tags): their content enters through the stage's identities
+# (a checksum or pinned tag), so moving a checkpoint or a checkout does not invalidate outputs.
+WEIGHT_REF_KEYS = frozenset({"pretrained", "checkpoint", "weights"})
 FINGERPRINT_LENGTH = 16
 
 
@@ -25,9 +28,18 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
 
 
+def without_weight_refs(value: Any) -> Any:
+    """`value` with every WEIGHT_REF_KEYS entry removed from nested mappings and lists."""
+    if isinstance(value, Mapping):
+        return {k: without_weight_refs(v) for k, v in value.items() if k not in WEIGHT_REF_KEYS}
+    if isinstance(value, list | tuple):
+        return [without_weight_refs(v) for v in value]
+    return value
+
+
 def result_config(node_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a node's resolved config that can change its output."""
-    return {key: value for key, value in node_config.items() if key not in NON_RESULT_KEYS}
+    """The part of a node's resolved config that can change its output (weights enter via identities)."""
+    return without_weight_refs({key: value for key, value in node_config.items() if key not in NON_RESULT_KEYS})
 
 
 def stage_fingerprint(

@@ -183,11 +183,12 @@ class EvalStage(Stage):
 
     def identities(self) -> dict[str, str]:
         """Vocabulary digest, and per method its resolved protocol and (maskclip) CLIP weights identity."""
+        from pipeline.fingerprint import without_weight_refs
         from pipeline.models.checkpoints import random_init_identity, weights_identity
 
         ids = {"vocab": self.vocab.digest(), "eval_vocab": self.eval_vocab.digest()}
         for spec in self.methods:
-            ids[f"method:{spec.name}"] = json.dumps(spec.record(), sort_keys=True)
+            ids[f"method:{spec.name}"] = json.dumps(without_weight_refs(spec.record()), sort_keys=True)
             if spec.kind == "maskclip":
                 clip = dict(spec.options.get("clip") or {})
                 ref = clip.get("pretrained")

@@ -143,3 +143,13 @@ def test_kill_9_mid_stage_then_resume_is_byte_identical(tmp_path):
     for x, y in zip(a.shard_urls(), b.shard_urls(), strict=True):
         assert Path(x).read_bytes() == Path(y).read_bytes()
     assert Path(a.path, "manifest.json").read_bytes() == Path(b.path, "manifest.json").read_bytes()
+
+
+def test_weight_paths_do_not_enter_fingerprints_but_weight_content_does(tmp_path):
+    from pipeline.fingerprint import stage_fingerprint
+
+    config = {"clip": {"model_name": "toy-vit", "pretrained": "/a/toy.pt"}, "methods": [{"clip": {"weights": "x"}}]}
+    moved = {"clip": {"model_name": "toy-vit", "pretrained": "/b/toy.pt"}, "methods": [{"clip": {"weights": "y"}}]}
+    same = stage_fingerprint("train", "1", config, {}, {"clip": "sha256:abc"})
+    assert same == stage_fingerprint("train", "1", moved, {}, {"clip": "sha256:abc"})
+    assert same != stage_fingerprint("train", "1", config, {}, {"clip": "sha256:def"})
