@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.models.preprocess import image_tensor
+
 PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "conf" / "protocol"
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -172,7 +174,7 @@ def predict_scores(
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be [H, W, 3] uint8, got {image.shape} {image.dtype}")
     height, width = image.shape[:2]
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
+    pixels = image_tensor(image).to(device)[None].float()
     size = rescale_size(height, width, protocol.short_side, protocol.max_long_side)
     pixels = _resize(pixels, size).round().clamp(0, 255) / 255.0
     with torch.no_grad():

@@ -14,6 +14,12 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """[3, H, W] uint8 tensor of an HxWx3 uint8 image; read-only arrays (decoded records) are copied, not aliased."""
+    array = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
 def check_rgb_uint8(image: np.ndarray) -> None:
     """Raise `ValueError` unless `image` is an HxWx3 uint8 array with H, W >= 1."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
@@ -66,7 +72,7 @@ def to_normalized_tensor(
         float32 tensor [1, 3, H', W'] equal to ``(pixel / 255 - mean) / std``.
     """
     check_rgb_uint8(image)
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+    pixels = image_tensor(image)[None].float() / 255.0
     target = resize_shape(image.shape[:2], size, resize_mode)
     if target != tuple(image.shape[:2]):
         smooth = interpolation in ("bilinear", "bicubic")
