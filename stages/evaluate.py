@@ -184,16 +184,16 @@ class EvalStage(Stage):
     def identities(self) -> dict[str, str]:
         """Vocabulary digest, and per method its resolved protocol and (maskclip) CLIP weights identity."""
         from pipeline.fingerprint import without_weight_refs
-        from pipeline.models.checkpoints import random_init_identity, weights_identity
+        from pipeline.models.checkpoints import model_weights_identity
 
         ids = {"vocab": self.vocab.digest(), "eval_vocab": self.eval_vocab.digest()}
         for spec in self.methods:
             ids[f"method:{spec.name}"] = json.dumps(without_weight_refs(spec.record()), sort_keys=True)
             if spec.kind == "maskclip":
                 clip = dict(spec.options.get("clip") or {})
-                ref = clip.get("pretrained")
-                ids[f"weights:{spec.name}"] = (weights_identity(ref, f"{self.context.node}.methods.clip.pretrained")
-                                               if ref else random_init_identity(int(clip.get("init_seed", 0))))
+                key = f"{self.context.node}.methods.clip.pretrained"
+                ids[f"weights:{spec.name}"] = model_weights_identity(clip.get("pretrained"),
+                                                                     int(clip.get("init_seed", 0)), key)
         return ids
 
     def plan(self) -> list[ShardPlan]:

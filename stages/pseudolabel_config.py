@@ -160,13 +160,11 @@ def model_config(values: dict[str, Any]) -> dict[str, Any]:
     return {**values, "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
-def _weights(ref: str | None, seed: int, key: str) -> str:
-    if ref is None:
-        return f"random-init:seed={seed}"  # = checkpoints.random_init_identity, without importing torch
-    from pipeline.models.checkpoints import weights_identity
+def _weights(ref: str | None, seed: int, key: str, allow_tags: bool = True) -> str:
+    from pipeline.models.checkpoints import model_weights_identity
 
     try:
-        return weights_identity(ref, key=key)
+        return model_weights_identity(ref, seed, key, allow_tags)
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from None
 
@@ -180,5 +178,5 @@ def clip_identity(clip: dict[str, Any]) -> str:
 
 def sam_identity(sam: dict[str, Any]) -> str:
     """The identity `Sam.build` gives this config (architecture @ weights)."""
-    weights = _weights(sam.get("checkpoint"), int(sam.get("init_seed", 0)), "sam.checkpoint")
+    weights = _weights(sam.get("checkpoint"), int(sam.get("init_seed", 0)), "sam.checkpoint", allow_tags=False)
     return f"sam:{sam.get('model_type', 'vit_b')}@{weights}"

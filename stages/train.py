@@ -27,7 +27,7 @@ from typing import Any
 import fsspec
 
 from pipeline.data.vocab import Vocabulary, load_vocab
-from pipeline.models.checkpoints import weights_identity
+from pipeline.models.checkpoints import model_weights_identity
 from pipeline.shards import StageOutput, join, write_atomic
 from pipeline.stage import ConfigError, Stage, StageContext
 from pipeline.trainer import LoopConfig, ScalingKnobs
@@ -80,9 +80,12 @@ class TrainStage(Stage):
         self.vocab: Vocabulary = load_vocab(cfg.vocab)
 
     def identities(self) -> dict[str, str]:
-        ids = {"vocab": self.vocab.digest(), "clip": _weights_id(self.cfg.clip.get("pretrained"), "clip")}
+        clip, dinov2 = self.cfg.clip, self.cfg.dinov2
+        ids = {"vocab": self.vocab.digest(), "clip": model_weights_identity(
+            clip.get("pretrained"), int(clip.get("init_seed", 0)), f"{self.context.node}.clip.pretrained")}
         if self.cfg.method == "align":
-            ids["dinov2"] = _weights_id(self.cfg.dinov2.get("weights"), "dinov2")
+            ids["dinov2"] = model_weights_identity(dinov2.get("weights"), int(dinov2.get("init_seed", 0)),
+                                                   f"{self.context.node}.dinov2.weights")
         return ids
 
     def run_unsharded(self) -> dict[str, Any]:
@@ -179,10 +182,6 @@ def _maybe_ddp(model: Any) -> Any:
     import ray.train.torch
 
     return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-
-
-def _weights_id(ref: str | None, role: str) -> str:
-    return weights_identity(ref, key=f"{role}.pretrained") if ref else "random-init"
 
 
 def read_artifact(output: StageOutput) -> dict[str, Any]:

@@ -23,9 +23,10 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         state: Any = load_file(str(path), device="cpu")
     else:
+        import torch
+
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
@@ -252,6 +255,11 @@ def random_init_identity(seed: int) -> str:
     return f"random-init:seed={seed}"
 
 
+def model_weights_identity(ref: str | None, init_seed: int = 0, key: str = "weights", allow_tags: bool = True) -> str:
+    """Identity of a model's weights for fingerprints: `weights_identity(ref)`, or the seeded random init."""
+    return weights_identity(ref, key=key, allow_tags=allow_tags) if ref else random_init_identity(init_seed)
+
+
 @contextlib.contextmanager
 def seeded_init(seed: int) -> Iterator[None]:
     """Make random weight initialisation deterministic without touching the caller's global RNG state.
@@ -260,6 +268,8 @@ def seeded_init(seed: int) -> Iterator[None]:
     the same weights; building under a fixed seed guarantees that. Forks the CPU generator only (models are built
     on CPU, then moved).
     """
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield

@@ -29,10 +29,9 @@ from pipeline.models import clip_dense, sliding
 from pipeline.models.checkpoints import (
     is_hub_tag,
     load_checked,
-    random_init_identity,
+    model_weights_identity,
     resolve_weights,
     seeded_init,
-    weights_identity,
 )
 from pipeline.models.preprocess import CLIP_MEAN, CLIP_STD, to_normalized_tensor
 from pipeline.models.sliding import SlidingFeatures, patch_centers
@@ -124,7 +123,7 @@ class Clip:
             )
         if local is not None:
             load_checked(model, local, arch=f"open_clip {cfg.model_name}", source="clip.pretrained")
-        weights = weights_identity(ref, key="clip.pretrained") if ref else random_init_identity(cfg.init_seed)
+        weights = model_weights_identity(ref, cfg.init_seed, "clip.pretrained")
         quick = "+quickgelu" if cfg.force_quick_gelu else ""
         return cls(model, cfg, identity=f"open_clip:{cfg.model_name}{quick}@{weights}")
 

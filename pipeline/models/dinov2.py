@@ -23,10 +23,9 @@ import torch
 from pipeline.models.checkpoints import (
     CheckpointMismatchError,
     load_state_dict,
-    random_init_identity,
+    model_weights_identity,
     resolve_weights,
     seeded_init,
-    weights_identity,
 )
 from pipeline.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
 
@@ -140,8 +139,7 @@ class Dinov2:
         else:
             model = _load_pretrained(Path(local), expected, cfg.name)
         model.to(cfg.device)
-        weights = (weights_identity(cfg.weights, key="dinov2.weights", allow_tags=False) if cfg.weights
-                   else random_init_identity(cfg.init_seed))
+        weights = model_weights_identity(cfg.weights, cfg.init_seed, "dinov2.weights", allow_tags=False)
         return cls(model, cfg, identity=f"dinov2:{cfg.name}@{weights}")
 
     @property

@@ -24,10 +24,9 @@ import torch
 
 from pipeline.models.checkpoints import (
     load_checked,
-    random_init_identity,
+    model_weights_identity,
     resolve_weights,
     seeded_init,
-    weights_identity,
 )
 from pipeline.models.preprocess import check_rgb_uint8
 
@@ -163,8 +162,7 @@ class Sam:
         if local is not None:
             load_checked(model, local, arch=f"sam {cfg.model_type}", source="sam.checkpoint")
         model.to(cfg.device)
-        weights = (weights_identity(cfg.checkpoint, key="sam.checkpoint", allow_tags=False) if cfg.checkpoint
-                   else random_init_identity(cfg.init_seed))
+        weights = model_weights_identity(cfg.checkpoint, cfg.init_seed, "sam.checkpoint", allow_tags=False)
         return cls(model, cfg, identity=f"sam:{cfg.model_type}@{weights}")
 
     @property
