@@ -75,14 +75,14 @@ class MaskClipPredictor:
         """[1, 3, h, w] in [0, 1] -> [1, C, h, w] float32 logits (see the class docstring)."""
         import torch
 
-        mean = torch.tensor(self.clip.mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.clip.std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+        from pipeline.models.preprocess import normalize
 
         def grid_scores(normalised: torch.Tensor) -> torch.Tensor:
             features, _ = self.clip.dense_features(normalised)
             return self.logit_scale * torch.einsum("bdhw,cd->bchw", features, self.text)
 
-        return on_patch_grid((pixels.float() - mean) / std, self.clip.patch_size, grid_scores).to(pixels.device)
+        normalised = normalize(pixels, self.clip.mean, self.clip.std)
+        return on_patch_grid(normalised, self.clip.patch_size, grid_scores).to(pixels.device)
 
 
 def on_patch_grid(normalised: torch.Tensor, patch: int,

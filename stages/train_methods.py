@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.vocab import Vocabulary
+from pipeline.models.preprocess import normalize
 from pipeline.predictors import on_patch_grid
 from pipeline.shards import StageOutput
 from pipeline.trainer import lr_schedule
@@ -31,13 +32,6 @@ class Recipe:
     loss: Callable[[torch.nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]]
     batches: Callable[[int], Iterator[Any]]
     lr_factor: Callable[[int], float]
-
-
-def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """[B, 3, H, W] in [0, 1] -> normalised with per-channel mean/std."""
-    m = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels - m) / s
 
 
 # -- IFSeg ----------------------------------------------------------------------------------------------------

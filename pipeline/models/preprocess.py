@@ -20,6 +20,13 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
+def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """[B, 3, H, W] float pixels in [0, 1] -> normalised with per-channel `mean` / `std` (same units)."""
+    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() - m) / s
+
+
 def check_rgb_uint8(image: np.ndarray) -> None:
     """Raise `ValueError` unless `image` is an HxWx3 uint8 array with H, W >= 1."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
