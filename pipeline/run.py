@@ -133,6 +133,8 @@ def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
                                len(existing.manifest["shards"]), 0.0)
     if forced and fs.exists(manifest_path):
         fs.rm_file(manifest_path)
+    if executor_kind == "ray":  # only nodes with work start Ray: an up-to-date run stays fast
+        init_ray(cfg.get("ray") or {})
     started = time.perf_counter()
     stage_cls = dag.stage_class(node.kind)
     upstream = {port: StageOutput(fs.unstrip_protocol(join(root_path, up, fingerprints[up])))
@@ -235,23 +237,10 @@ def run(cfg: Mapping[str, Any]) -> list[NodeSummary]:
     check_inputs_exist(nodes, selected, fingerprints, fs, root_path)
     summaries = []
     for name in selected:
-        if cfg.get("executor", "ray") == "ray" and not _up_to_date(fs, root_path, name, fingerprints,
-                                                                    forced | _retrying(cfg, nodes)):
-            init_ray(cfg.get("ray") or {})
         summary = run_node(nodes[name], cfg, fingerprints, root, name in forced, cfg.get("executor", "ray"))
         print(summary.line(), flush=True)
         summaries.append(summary)
     return summaries
-
-
-def _retrying(cfg: Mapping[str, Any], nodes: Mapping[str, dag.Node]) -> set[str]:
-    """With retry_failed, every node may have work (its manifest is checked in run_node)."""
-    return set(nodes) if cfg.get("retry_failed") else set()
-
-
-def _up_to_date(fs: fsspec.AbstractFileSystem, root: str, name: str, fingerprints: Mapping[str, str],
-                forced: set[str]) -> bool:
-    return name not in forced and fs.exists(join(root, name, fingerprints[name], MANIFEST_NAME))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
