@@ -66,9 +66,16 @@ def run_shard(stage: Stage, plan: ShardPlan, batch_size: int) -> ShardDone:
                         extra=stage.end_shard())
 
 
-def _progress(node: str, total: int, samples: int) -> tqdm:
-    return tqdm(total=total, desc=f"{node:>14}", unit="shard", dynamic_ncols=True, leave=False,
-                postfix={"samples": samples}, mininterval=0.5)
+def _collect(node: str, results: Iterator[ShardDone], total: int, on_done: OnDone) -> None:
+    """Hand each finished shard's marker to `on_done` as it arrives, with a progress bar."""
+    samples = 0
+    with tqdm(total=total, desc=f"{node:>14}", unit="shard", dynamic_ncols=True, leave=False,
+              postfix={"samples": 0}, mininterval=0.5) as bar:
+        for done in results:
+            on_done(done)
+            samples += done.count
+            bar.set_postfix(samples=samples)
+            bar.update(1)
 
 
 class LocalExecutor:
@@ -78,11 +85,7 @@ class LocalExecutor:
             on_done: OnDone) -> None:
         stage = stage_cls(context)
         stage.setup()
-        with _progress(context.node, len(plans), 0) as bar:
-            for plan in plans:
-                done = run_shard(stage, plan, resources.batch_size)
-                on_done(done)
-                bar.update(1)
+        _collect(context.node, (run_shard(stage, plan, resources.batch_size) for plan in plans), len(plans), on_done)
 
 
 class RayExecutor:
@@ -90,20 +93,11 @@ class RayExecutor:
 
     def run(self, stage_cls: type[Stage], context: StageContext, plans: list[ShardPlan], resources: Resources,
             on_done: OnDone) -> None:
-        import ray
-
         if stage_cls.uses_models or resources.num_gpus > 0:
             results = _actor_pool_map(stage_cls, context, plans, resources)
         else:
             results = _task_map(stage_cls, context, plans, resources)
-        with _progress(context.node, len(plans), 0) as bar:
-            samples = 0
-            for ref in results:
-                done = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-                on_done(done)
-                samples += done.count
-                bar.set_postfix(samples=samples)
-                bar.update(1)
+        _collect(context.node, results, len(plans), on_done)
 
 
 def _run_shard_task(stage_cls: type[Stage], context: StageContext, plan: ShardPlan, batch_size: int) -> ShardDone:
@@ -113,8 +107,8 @@ def _run_shard_task(stage_cls: type[Stage], context: StageContext, plan: ShardPl
 
 
 def _task_map(stage_cls: type[Stage], context: StageContext, plans: list[ShardPlan],
-              resources: Resources) -> Iterator[Any]:
-    """Yield finished shard results as tasks complete (each task retried on worker failure)."""
+              resources: Resources) -> Iterator[ShardDone]:
+    """Yield finished shard markers as tasks complete (each task retried on worker failure)."""
     import ray
 
     remote = ray.remote(_run_shard_task).options(num_cpus=resources.num_cpus, max_retries=resources.max_retries,
@@ -123,7 +117,7 @@ def _task_map(stage_cls: type[Stage], context: StageContext, plans: list[ShardPl
     pending = [remote.remote(stage_cls, context_ref, plan, resources.batch_size) for plan in plans]
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        yield from ready
+        yield from ray.get(ready)
 
 
 class _ShardActor:
@@ -138,8 +132,8 @@ class _ShardActor:
 
 
 def _actor_pool_map(stage_cls: type[Stage], context: StageContext, plans: list[ShardPlan],
-                    resources: Resources) -> Iterator[Any]:
-    """Yield shard results from a fixed pool of `pool_size` actors (the model loads once per actor)."""
+                    resources: Resources) -> Iterator[ShardDone]:
+    """Yield shard markers from a fixed pool of `pool_size` actors (the model loads once per actor)."""
     import ray
     from ray.util import ActorPool
 

@@ -74,3 +74,24 @@ def test_ray_job_submit_end_to_end(tmp_path):
     finally:
         _ray("stop", "--force", env=env)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_model_stage_runs_on_an_actor_pool_like_locally(tmp_path):
+    """A model stage (models loaded once per actor) through Ray's actor pool gives the local executor's labels."""
+    import ray
+
+    common = ["stages=[pseudolabel]", "toy.train_images=4", "toy.size=64", "pseudolabel.samples_per_shard=2",
+              "pseudolabel.amg.points_per_side=4"]
+    run(compose("demo", [f"output_root={tmp_path / 'local'}", "executor=local", *common]))
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    try:
+        summaries = run(compose("demo", [f"output_root={tmp_path / 'ray'}", "executor=ray", "ray.num_cpus=2",
+                                         f"ray.temp_dir={temp_dir}", "pseudolabel.resources.num_cpus=0.5",
+                                         "pseudolabel.resources.pool_size=2", *common]))
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert [(s.node, s.status, s.samples, s.shards) for s in summaries] == [("pseudolabel", "ran", 4, 2)]
+    labels = {name: {s["__key__"]: s["label.png"] for s in open_stage(str(tmp_path / name / "pseudolabel")).samples()}
+              for name in ("local", "ray")}
+    assert len(labels["ray"]) == 4 and labels["ray"] == labels["local"]
