@@ -1,4 +1,4 @@
-"""Encoders of the files inside samples, shared by every stage that writes `pseudolabel/1` samples."""
+"""Encoders of the files inside samples (`wordgrid/1`, `pseudolabel/1`, `eval/1`), shared by every stage."""
 
 from __future__ import annotations
 
@@ -24,4 +24,11 @@ def encode_image(image: np.ndarray, image_format: str, jpeg_quality: int = 95) -
         Image.fromarray(image).save(buffer, format="JPEG", quality=jpeg_quality, subsampling=0)
     else:
         Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """`.npy` bytes of an array (no pickle), deterministic for equal arrays."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()

@@ -20,7 +20,6 @@ content depends only on (run seed, node, global sample index): not on shard size
 
 from __future__ import annotations
 
-import io
 import json
 import zlib
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.data.vocab import Vocabulary, load_vocab
+from pipeline.samples import encode_npy
 from pipeline.shards import SampleOutput
 from pipeline.stage import ConfigError, Resources, ShardPlan, Stage
 
@@ -101,12 +101,6 @@ def upsample_grid(grid: np.ndarray, height: int, width: int) -> np.ndarray:
 def grid_to_maps(grid: np.ndarray, token_size: int = 32, label_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """The model-resolution token map [token_size, token_size] and label map [label_size, label_size] of a grid."""
     return upsample_grid(grid, token_size, token_size), upsample_grid(grid, label_size, label_size)
-
-
-def encode_npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 class WordGridStage(Stage):
