@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.stage import ConfigError, Stage
+from pipeline.config import ConfigError
+from pipeline.stage import Stage
 
 # kind -> "module:Class"; imported lazily so a run only imports the stages it uses.
 STAGES: dict[str, str] = {
@@ -94,16 +95,3 @@ def select(nodes: Mapping[str, Node], stages: list[str] | None) -> list[str]:
     if unknown:
         raise ConfigError(f"stages={unknown} are not nodes of this config; nodes: {order}")
     return [name for name in order if name in stages]
-
-
-def descendants(nodes: Mapping[str, Node], name: str) -> set[str]:
-    """All nodes that read, directly or not, from `name`."""
-    found: set[str] = set()
-    frontier = [name]
-    while frontier:
-        current = frontier.pop()
-        for node in nodes.values():
-            if current in node.inputs.values() and node.name not in found:
-                found.add(node.name)
-                frontier.append(node.name)
-    return found

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.config import ConfigError
 from pipeline.metrics import MIOU_DENOMINATORS
 from pipeline.predictors import LABEL_KINDS, method_kinds
-from pipeline.stage import ConfigError
 
 if TYPE_CHECKING:
     from pipeline.inference import Protocol

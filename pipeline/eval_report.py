@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.images import read_label_png
 from pipeline.report import Sample
-from pipeline.shards import iter_tar_samples
+from pipeline.sample_files import decode_label_png
+from pipeline.tar_samples import iter_tar_samples
 
 
 def read_predictions(shard_urls: Sequence[str], keys: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
@@ -18,7 +18,7 @@ def read_predictions(shard_urls: Sequence[str], keys: Sequence[str]) -> dict[str
     for url in shard_urls:
         for sample in iter_tar_samples(url):
             if sample["__key__"] in wanted:
-                found[sample["__key__"]] = {ext[: -len(".png")]: read_label_png(data).astype(np.int64)
+                found[sample["__key__"]] = {ext[: -len(".png")]: decode_label_png(data).astype(np.int64)
                                             for ext, data in sample.items() if ext.endswith(".png")}
         if wanted <= set(found):
             break

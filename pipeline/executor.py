@@ -17,6 +17,7 @@ from typing import Any
 import fsspec
 from tqdm import tqdm
 
+from pipeline.config import ConfigError
 from pipeline.shards import SampleOutput, ShardDone, commit_shard
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext
 
@@ -36,18 +37,23 @@ def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def _process_or_isolate(stage: Stage, loaded: Sequence[Any]) -> list[SampleOutput]:
-    """Run a batch; if it raises, run its items one by one so one bad item fails alone, with its error."""
+def run_batch(stage: Stage, loaded: Sequence[Any]) -> list[SampleOutput]:
+    """Run a batch and fold its statistics; if it raises, run its items one by one so one bad item fails alone.
+
+    `Stage.fold` sees each item exactly once, and only from a call that succeeded: the per-shard aggregates of
+    every stage are exact whatever fails, without a guard in the stage.
+    """
     try:
         outputs = stage.process_batch(loaded)
         if len(outputs) != len(loaded):
             raise RuntimeError(f"{stage.kind}.process_batch returned {len(outputs)} outputs for {len(loaded)} items")
-        return outputs
     except Exception:  # noqa: BLE001 - isolation below records every error per item
         if len(loaded) == 1:
             error = traceback.format_exc(limit=3).strip().splitlines()[-1]
             return [SampleOutput(key=stage.item_key(loaded[0]), files=None, error=error)]
-        return [out for item in loaded for out in _process_or_isolate(stage, [item])]
+        return [out for item in loaded for out in run_batch(stage, [item])]
+    stage.fold(outputs)
+    return outputs
 
 
 def run_shard(stage: Stage, plan: ShardPlan, batch_size: int) -> ShardDone:
@@ -59,11 +65,10 @@ def run_shard(stage: Stage, plan: ShardPlan, batch_size: int) -> ShardDone:
         pending = prefetcher.submit(next, batches, None)
         while (loaded := pending.result()) is not None:
             pending = prefetcher.submit(next, batches, None)
-            outputs.extend(_process_or_isolate(stage, loaded))
+            outputs.extend(run_batch(stage, loaded))
     fs, path = fsspec.core.url_to_fs(stage.context.output_url)
-    fingerprint = path.rstrip("/").rsplit("/", 1)[-1]
-    return commit_shard(fs, path, plan.index, outputs, fingerprint, seconds=time.perf_counter() - started,
-                        extra=stage.end_shard())
+    return commit_shard(fs, path, plan.index, outputs, stage.context.fingerprint,
+                        seconds=time.perf_counter() - started, extra=stage.end_shard())
 
 
 def _collect(node: str, results: Iterator[ShardDone], total: int, on_done: OnDone) -> None:
@@ -152,5 +157,5 @@ def make_executor(kind: str) -> LocalExecutor | RayExecutor:
     """`executor=ray` (default) or `executor=local`."""
     executors = {"ray": RayExecutor, "local": LocalExecutor}
     if kind not in executors:
-        raise ValueError(f"executor={kind!r}: choose one of {sorted(executors)}")
+        raise ConfigError(f"executor={kind!r}: choose one of {sorted(executors)}")
     return executors[kind]()

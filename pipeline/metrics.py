@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,15 @@ class ConfusionMatrix:
             raise ValueError(f"matrix shape {matrix.shape} does not match num_classes={cm.num_classes}")
         cm.matrix = matrix
         return cm
+
+
+def sum_matrices(parts: Iterable[Mapping[str, Any]]) -> ConfusionMatrix | None:
+    """The sum of per-shard partial matrices in `ConfusionMatrix.to_dict` form; None when `parts` is empty."""
+    total: ConfusionMatrix | None = None
+    for part in parts:
+        matrix = ConfusionMatrix.from_dict(dict(part))
+        total = matrix if total is None else total.merge(matrix)
+    return total
 
 
 def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:

@@ -21,10 +21,11 @@ from typing import Any
 import fsspec
 
 from pipeline import dag
+from pipeline.config import ConfigError, build_config
 from pipeline.executor import make_executor
 from pipeline.fingerprint import stage_fingerprint
 from pipeline.shards import MANIFEST_NAME, ShardDone, StageOutput, join, read_done, write_pointer, write_stage_index
-from pipeline.stage import ConfigError, Resources, Stage, StageContext, build_config
+from pipeline.stage import Resources, Stage, StageContext
 
 log = logging.getLogger("pipeline")
 PACKAGES = ("torch", "ray", "open_clip_torch", "segment-anything", "transformers", "webdataset", "numpy", "pyarrow")
@@ -140,7 +141,8 @@ def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
     upstream = {port: StageOutput(fs.unstrip_protocol(join(root_path, up, fingerprints[up])))
                 for port, up in node.inputs.items()}
     context = StageContext(node=node.name, seed=int(cfg["seed"]), config=node.config, upstream=upstream,
-                           output_url=fs.unstrip_protocol(out_path), executor=executor_kind)
+                           output_url=fs.unstrip_protocol(out_path), fingerprint=fingerprint,
+                           executor=executor_kind)
     stage = stage_cls(context)
     if not stage.sharded:
         extra = stage.run_unsharded()

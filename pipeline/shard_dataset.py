@@ -9,7 +9,7 @@ from typing import Any
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.shards import iter_tar_samples, split_for_rank
+from pipeline.tar_samples import iter_tar_samples, split_for_rank
 
 
 class ShardIterableDataset(IterableDataset):

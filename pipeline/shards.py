@@ -34,6 +34,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.tar_samples import iter_tar_samples
+
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed so tar bytes never depend on the clock
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 EXT_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,50}$")
@@ -60,6 +62,8 @@ class SampleOutput:
         source: where the sample came from (path, URL, seed stream), for the sidecar.
         error: the reason when the sample failed; None when it succeeded.
         seconds: time spent on this sample (sidecar only, never in the tar).
+        stats: the sample's contribution to per-shard aggregates, handed to `Stage.fold` by the executor once
+            the sample's batch succeeded (in memory only: never written, never pickled into a marker).
     """
 
     key: str
@@ -67,6 +71,7 @@ class SampleOutput:
     source: str = ""
     error: str | None = None
     seconds: float = 0.0
+    stats: Any = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -277,32 +282,9 @@ class StageOutput:
         return ShardIterableDataset(self.shard_urls(), transform)
 
 
-def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Group a tar's members into samples by key (text before the first dot of the base name)."""
-    with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-        current: dict[str, Any] | None = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": url}
-            current[ext] = tar.extractfile(member).read()
-        if current is not None:
-            yield current
-
-
 def _fsspec_tar_samples(shard_specs: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for spec in shard_specs:
         yield from iter_tar_samples(spec["url"])
-
-
-def split_for_rank(items: list[Any], rank: int, world_size: int, worker: int, num_workers: int) -> list[Any]:
-    """The slice of `items` that (rank, worker) reads: round-robin over rank*num_workers + worker."""
-    slot, slots = rank * num_workers + worker, world_size * num_workers
-    return items[slot::slots]
 
 
 def open_stage(url: str, **storage_options: Any) -> StageOutput:

@@ -5,12 +5,18 @@ Lifecycle of one stage run (driver, then workers):
     driver:  stage = Kind(context); stage.identities(); plans = stage.plan()
     worker:  stage.setup()                                  once per task (CPU) or per actor (model stages)
              for each batch of stage.iter_loaded(plan):     prefetched in a thread: decoding overlaps compute
-                 outputs = stage.process_batch(loaded)      one SampleOutput per item, failures included
+                 outputs = stage.process_batch(loaded)      one SampleOutput per item, failures included;
+                                                             must not touch per-shard counters
+                 stage.fold(outputs)                        called by the executor only after the batch (or, after
+                                                             a failed batch, each item alone) succeeded
 
     driver:  extra = stage.finalize(done_markers)            aggregate (e.g. metrics), write stage-level files
 
 `stage.end_shard()` is called after each shard; what it returns is stored in that shard's done-marker
 (`extra`), so per-shard aggregates (partial confusion matrices, counters) survive a crash with the shard.
+Per-item statistics travel in `SampleOutput.stats` (in memory only, never written) and enter those aggregates
+through `fold`, which the executor calls once per successful item: a batch that raises and is re-run item by
+item is never counted twice, and no stage needs a guard of its own.
 
 Unsharded stages (`sharded = False`, e.g. the Ray Train trainer) implement `run_unsharded()` instead of
 `plan`/`process_batch`; the runner calls it on the driver, and it must resume by itself after a crash.
@@ -20,17 +26,12 @@ A stage's knobs are the fields of its `Config` dataclass; the node's YAML mirror
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pipeline.shards import SampleOutput, StageOutput
-
-
-class ConfigError(ValueError):
-    """A bad configuration, found before any compute; the message names the key and the fix."""
+from pipeline.config import build_config
+from pipeline.shards import SampleOutput, ShardDone, StageOutput
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class StageContext:
         config: the node's resolved config as plain data (no file paths to config files).
         upstream: input port -> the upstream stage output it reads.
         output_url: the fingerprint directory this run writes into.
+        fingerprint: this node's fingerprint (the last component of `output_url`).
         executor: the run's executor ("ray" or "local"); "local" means no Ray anywhere, training included.
     """
 
@@ -78,6 +80,7 @@ class StageContext:
     config: dict[str, Any]
     upstream: dict[str, StageOutput] = field(default_factory=dict)
     output_url: str = ""
+    fingerprint: str = ""
     executor: str = "ray"
 
 
@@ -120,6 +123,9 @@ class Stage:
         """Produce one SampleOutput per loaded item, failed ones included."""
         raise NotImplementedError
 
+    def fold(self, outputs: Sequence[SampleOutput]) -> None:
+        """Add the `stats` of outputs whose batch succeeded to the per-shard aggregates (see the module doc)."""
+
     def item_key(self, item: Any) -> str:
         """Sample key of an item, used to record a failed row when `process_batch` raises on it."""
         return str(item)
@@ -128,7 +134,7 @@ class Stage:
         """JSON-safe per-shard aggregate stored in the shard's done-marker; reset whatever it reports."""
         return {}
 
-    def finalize(self, done: list[Any]) -> dict[str, Any]:
+    def finalize(self, done: list[ShardDone]) -> dict[str, Any]:
         """Driver side, after all shards: aggregate the done-markers' `extra`, write stage-level files.
 
         Returns extra manifest fields.
@@ -144,34 +150,8 @@ class Stage:
         return {}
 
 
-def build_config(config_cls: type, values: Mapping[str, Any], node: str) -> Any:
-    """Instantiate a stage's Config dataclass from a node's YAML, rejecting unknown keys and wrong types.
-
-    Nested dataclass fields (e.g. `resources`) are built recursively. `stage` and `inputs` are DAG keys and
-    are skipped.
-    """
-    if not dataclasses.is_dataclass(config_cls):
-        return dict(values)
-    hints = typing.get_type_hints(config_cls)
-    known = {f.name: f for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(values) - set(known) - {"stage", "inputs"})
-    if unknown:
-        raise ConfigError(f"{node}: unknown config key(s) {unknown}; valid keys: {sorted(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        if name not in known:
-            continue
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
-            value = build_config(hint, value, f"{node}.{name}")
-        _check_type(value, hint, f"{node}.{name}")
-        kwargs[name] = value
-    return config_cls(**kwargs)
-
-
-def _check_type(value: Any, hint: Any, key: str) -> None:
-    origin = typing.get_origin(hint) or hint
-    if origin in (int, float, bool, str) and value is not None:
-        allowed = (int, float) if origin is float else (origin,)
-        if not isinstance(value, allowed) or (origin is not bool and isinstance(value, bool) and origin is int):
-            raise ConfigError(f"{key}={value!r}: expected {origin.__name__}")
+def shard_plans(items: Sequence[Any], per_shard: int) -> list[ShardPlan]:
+    """Consecutive runs of `per_shard` items as shards 0, 1, ...; the one place work is cut into shards."""
+    per_shard = max(1, int(per_shard))
+    return [ShardPlan(index, tuple(items[start:start + per_shard]))
+            for index, start in enumerate(range(0, len(items), per_shard))]

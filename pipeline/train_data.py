@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.shards import StageOutput, iter_tar_samples, split_for_rank
+from pipeline.sample_files import decode_label_png
+from pipeline.shards import StageOutput
+from pipeline.tar_samples import iter_tar_samples, split_for_rank
 from pipeline.trainer import rank_and_world
 
 
@@ -90,7 +92,7 @@ class ImageLabelDecoder:
             raise KeyError(f"sample {sample['__key__']} lacks '{ext}' or '{self.label_file}' (image_format: none "
                            "shards cannot be trained on; re-run the producing stage with images stored)")
         image = torch.from_numpy(decode_png(sample[ext]).copy()).permute(2, 0, 1).float() / 255.0
-        label = torch.from_numpy(decode_png(sample[self.label_file]).astype(np.int64))
+        label = torch.from_numpy(decode_label_png(sample[self.label_file]).astype(np.int64))
         return self.augment(image, label)
 
     def augment(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

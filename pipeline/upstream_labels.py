@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import fsspec
-import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.data.images import read_label_png
-from pipeline.shards import StageOutput, iter_tar_samples
+from pipeline.shards import StageOutput
+from pipeline.tar_samples import iter_tar_samples
 
 LABEL_FILE = "label.png"
 
@@ -49,11 +48,3 @@ def read_label_pngs(wanted: Mapping[str, Iterable[str]]) -> dict[tuple[str, str]
             if sample["__key__"] in keys and LABEL_FILE in sample:
                 found[(url, sample["__key__"])] = sample[LABEL_FILE]
     return found
-
-
-def decode_label_png(data: bytes) -> np.ndarray:
-    """[H, W] uint8 or uint16 train ids from PNG bytes (grey "L" or 16-bit "I;16" modes, kept as stored)."""
-    array = read_label_png(data)
-    if array.ndim != 2:
-        raise ValueError(f"label map must be single-channel, got shape {array.shape}")
-    return array

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.data.toyworld import CLASS_NAMES, render_scene, split_seed  # noqa: E402
 from pipeline.metrics import ConfusionMatrix, compute_metrics  # noqa: E402
 from pipeline.models.clip import Clip, ClipConfig  # noqa: E402

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.data.toyworld import render_scene, split_seed  # noqa: E402
 from pipeline.models.sam import Sam, SamConfig  # noqa: E402
 

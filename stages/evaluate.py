@@ -37,16 +37,16 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import ConfigError, checked_adapter, checked_vocab, resolve_device
 from pipeline.data.records import ImageRecord, ItemRef
-from pipeline.data.registry import adapter_fields, build_adapter
-from pipeline.data.vocab import Vocabulary, load_vocab
+from pipeline.data.vocab import Vocabulary
 from pipeline.eval_methods import MethodSpec, parse_methods
 from pipeline.eval_vocab import fold_background_words, unseen_only_lut, unseen_only_vocab, with_background_words
-from pipeline.metrics import ConfusionMatrix, compute_metrics, to_json
-from pipeline.samples import encode_label_png
+from pipeline.metrics import ConfusionMatrix, compute_metrics, sum_matrices, to_json
+from pipeline.sample_files import decode_label_png, encode_label_png
 from pipeline.shards import SampleOutput, join
-from pipeline.stage import ConfigError, Resources, ShardPlan, Stage
-from pipeline.upstream_labels import decode_label_png, index_keys, read_label_pngs
+from pipeline.stage import Resources, ShardPlan, Stage, StageContext, shard_plans
+from pipeline.upstream_labels import index_keys, read_label_pngs
 
 SCHEMA = "eval/1"
 GT_FILTERS = (None, "unseen_only")
@@ -115,17 +115,14 @@ class EvalStage(Stage):
     uses_models = True
     Config = EvalConfig
 
-    def __init__(self, context) -> None:  # noqa: ANN001 - StageContext, see Stage
+    def __init__(self, context: StageContext) -> None:
         super().__init__(context)
         cfg, node = self.cfg, context.node
         if cfg.gt_filter not in GT_FILTERS:
             raise ConfigError(f"{node}.gt_filter={cfg.gt_filter!r}: choose one of {list(GT_FILTERS)}")
         if cfg.samples_per_shard < 1 or cfg.num_report_samples < 0 or (cfg.max_images or 1) < 1:
             raise ConfigError(f"{node}: need samples_per_shard >= 1, num_report_samples >= 0, max_images >= 1")
-        try:
-            self.vocab = load_vocab(cfg.vocab)
-        except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(f"{node}.vocab={cfg.vocab!r}: {error}") from None
+        self.vocab = checked_vocab(cfg.vocab, f"{node}.vocab")
         self.eval_vocab, self.gt_lut = self._eval_vocabulary()
         ports = set(context.config.get("inputs") or {})
         self.methods: list[MethodSpec] = parse_methods(cfg.methods, node, ports, cfg.protocol,
@@ -169,17 +166,7 @@ class EvalStage(Stage):
         return extended, self.eval_vocab.names.index(cfg.background_class)
 
     def _adapter(self) -> Any:
-        data = dict(self.cfg.data)
-        try:
-            if "vocab" not in data and "vocab" in adapter_fields(str(data.get("kind"))):
-                data["vocab"] = self.cfg.vocab
-            adapter = build_adapter(data)
-        except (KeyError, ValueError, FileNotFoundError) as error:
-            raise ConfigError(f"{self.context.node}.data: {error}") from None
-        if tuple(adapter.vocab.names) != self.vocab.names:
-            raise ConfigError(f"{self.context.node}: the eval data's labels use vocabulary {adapter.vocab.name!r}, "
-                              f"but vocab={self.vocab.name!r}; set {self.context.node}.vocab={adapter.vocab.name}")
-        return adapter
+        return checked_adapter(self.cfg.data, self.vocab, self.context.node)
 
     def identities(self) -> dict[str, str]:
         """Vocabulary digest, and per method its resolved protocol and (maskclip) CLIP weights identity."""
@@ -203,8 +190,7 @@ class EvalStage(Stage):
         sources = {spec.name: self._label_index(spec) for spec in self.methods if spec.is_labels}
         refs = self.adapter.list_items()[: self.cfg.max_images]
         items = [(ref, tuple((name, index.get(ref.key)) for name, index in sources.items())) for ref in refs]
-        per = self.cfg.samples_per_shard
-        return [ShardPlan(i, tuple(items[start:start + per])) for i, start in enumerate(range(0, len(items), per))]
+        return shard_plans(items, self.cfg.samples_per_shard)
 
     def _label_index(self, spec: MethodSpec) -> dict[str, str]:
         """Key -> upstream shard URL of a labels method, after checking the upstream labels' vocabulary."""
@@ -226,11 +212,9 @@ class EvalStage(Stage):
     # ----------------------------------------------------------------- workers
     def setup(self) -> None:
         """Build the predictors of the logits methods once per worker."""
-        import torch
-
         from pipeline.predictors import build_predictor
 
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if self.cfg.device == "auto" else self.cfg.device
+        self.device = resolve_device(self.cfg.device)
         self.protocols = {spec.name: spec.protocol for spec in self.methods}
         self.predictors = {spec.name: build_predictor(spec.options, self.predict_vocab, self.context.upstream,
                                                       self.device)
@@ -256,15 +240,18 @@ class EvalStage(Stage):
             yield Loaded(ref, self.adapter.load(ref), labels)
 
     def process_batch(self, loaded: Sequence[Loaded]) -> list[SampleOutput]:
-        """One output per item. Never raises: the executor would re-run the batch item by item, and items that
-        had already been accumulated would then be counted twice."""
-        return [self._evaluate_safely(item) for item in loaded]
+        return [self._evaluate(item) for item in loaded]
 
-    def _evaluate_safely(self, item: Loaded) -> SampleOutput:
-        try:
-            return self._evaluate(item)
-        except Exception as error:  # noqa: BLE001 - the sample's failure row; nothing of it was accumulated
-            return SampleOutput(item.ref.key, None, source=item.ref.source, error=f"{type(error).__name__}: {error}")
+    def fold(self, outputs: Sequence[SampleOutput]) -> None:
+        """Accumulate each evaluated sample's predictions into the shard's matrices; remember report candidates."""
+        for output in outputs:
+            if output.stats is None:
+                continue
+            preds, gt = output.stats
+            for name, pred in preds.items():
+                self._accumulate(name, pred, gt)
+            if len(self.report_keys) < self.cfg.num_report_samples:
+                self.report_keys.append(output.key)
 
     def _evaluate(self, item: Loaded) -> SampleOutput:
         record, key, source = item.record, item.ref.key, item.ref.source
@@ -278,10 +265,6 @@ class EvalStage(Stage):
         problem = self._check(preds, gt)
         if problem:
             return SampleOutput(key, None, source=source, error=problem)
-        for name, pred in preds.items():
-            self._accumulate(name, pred, gt)
-        if len(self.report_keys) < self.cfg.num_report_samples:
-            self.report_keys.append(key)
         dtype = self.eval_vocab.label_dtype
         files = {f"{name}.png": encode_label_png(pred.astype(dtype))
                  for name, pred in preds.items() if pred is not None}
@@ -290,7 +273,7 @@ class EvalStage(Stage):
                 "gt_filter": self.cfg.gt_filter, "methods": sorted(files),
                 "missing": sorted(name for name, pred in preds.items() if pred is None)}
         files["json"] = json.dumps(meta, sort_keys=True).encode()
-        return SampleOutput(key, files, source=source)
+        return SampleOutput(key, files, source=source, stats=(preds, gt))
 
     def _check(self, preds: dict[str, np.ndarray | None], gt: np.ndarray) -> str | None:
         """Why this sample cannot be accumulated (sizes, ids outside the eval vocabulary), or None."""
@@ -368,9 +351,9 @@ class EvalStage(Stage):
 
     def _method_metrics(self, spec: MethodSpec, done: list[Any]) -> dict[str, Any]:
         """Metrics of one method from the sum of its per-shard matrices, plus its record and labels coverage."""
-        matrix = ConfusionMatrix(self.eval_vocab.num_classes, self.eval_vocab.ignore_index)
-        for marker in done:
-            matrix.merge(ConfusionMatrix.from_dict(marker.extra["confusion"][spec.name]))
+        matrix = sum_matrices(marker.extra["confusion"][spec.name] for marker in done)
+        if matrix is None:
+            matrix = ConfusionMatrix(self.eval_vocab.num_classes, self.eval_vocab.ignore_index)
         result = compute_metrics(matrix, list(self.eval_vocab.names), unseen_ids=self.unseen_ids,
                                  miou_denominator=spec.miou_denominator)
         result.update(spec.record())

@@ -37,17 +37,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.config import ConfigError, checked_adapter, checked_templates, checked_vocab
 from pipeline.data.records import ImageRecord, ItemRef
 from pipeline.data.vocab import Vocabulary
 from pipeline.shards import SampleOutput, ShardDone
-from pipeline.stage import ConfigError, ShardPlan, Stage
+from pipeline.stage import ShardPlan, Stage, StageContext, shard_plans
 from stages.pseudolabel_config import (
     METHOD_KNOBS,
     SCHEMA,
     PseudoLabelConfig,
-    checked_adapter,
-    checked_templates,
-    checked_vocab,
+    check_config,
     clip_identity,
     model_config,
     sam_identity,
@@ -291,11 +290,13 @@ class PseudoLabelStage(Stage):
     uses_models = True
     Config = PseudoLabelConfig
 
-    def __init__(self, context) -> None:  # noqa: ANN001 - StageContext, see Stage
+    def __init__(self, context: StageContext) -> None:
         super().__init__(context)
-        self.vocab: Vocabulary = checked_vocab(self.cfg, context.node)
-        self.templates = checked_templates(self.cfg, context.node)
-        self.adapter = checked_adapter(self.cfg, self.vocab, context.node)
+        node = context.node
+        check_config(self.cfg, node)
+        self.vocab: Vocabulary = checked_vocab(self.cfg.vocab, f"{node}.vocab")
+        self.templates = checked_templates(self.cfg.prompt_templates, f"{node}.prompt_templates")
+        self.adapter = checked_adapter(self.cfg.data, self.vocab, node)
         self.quality = QualityAccumulator(self.vocab)
         self.mask_counts = {"stage11": 0, "stage12": 0}
 
@@ -303,8 +304,7 @@ class PseudoLabelStage(Stage):
         return {"vocab": self.vocab.digest(), "clip": clip_identity(self.cfg.clip), "sam": sam_identity(self.cfg.sam)}
 
     def plan(self) -> list[ShardPlan]:
-        refs, per = self.adapter.list_items(), self.cfg.samples_per_shard
-        return [ShardPlan(i, tuple(refs[start:start + per])) for i, start in enumerate(range(0, len(refs), per))]
+        return shard_plans(self.adapter.list_items(), self.cfg.samples_per_shard)
 
     def item_key(self, item: Any) -> str:
         return item.record.key if isinstance(item, Loaded) else item.key
@@ -334,11 +334,7 @@ class PseudoLabelStage(Stage):
                                              self.cfg.image_short_side))
 
     def process_batch(self, loaded: Sequence[Loaded]) -> list[SampleOutput]:
-        """Model calls batched over the good images; file encoding of image i overlaps compute of image i+1.
-
-        Per-shard counters (quality matrices, mask counts) change only after the whole batch succeeded, so the
-        executor's one-by-one retry of a failed batch never counts an image twice.
-        """
+        """Model calls batched over the good images; file encoding of image i overlaps compute of image i+1."""
         good = [item for item in loaded if item.record.ok]
         outputs = {item.record.key: SampleOutput(item.record.key, None, item.record.meta.get("source", ""),
                                                  error=item.record.error) for item in loaded if not item.record.ok}
@@ -351,8 +347,6 @@ class PseudoLabelStage(Stage):
                 results.append((item.record, self._pseudo_label(item.record, feats, embeddings, index)))
                 pending[item.record.key] = self.encoder.submit(self._encode, *results[-1])
             outputs |= {key: future.result() for key, future in pending.items()}
-        for record, result in results:
-            self._account(record, result)
         return [outputs[item.record.key] for item in loaded]
 
     def _pseudo_label(self, record: ImageRecord, feats: SlidingFeatures, embeddings: SamImageEmbeddings,
@@ -374,7 +368,12 @@ class PseudoLabelStage(Stage):
         gt = record.label if cfg.keep_ground_truth else None
         files = sample_files(record.image, cfg.image_format, result.label, mask_records(result.kept), gt,
                              self._provenance(record, result.present, result.kept), cfg.jpeg_quality)
-        return SampleOutput(record.key, files, record.meta.get("source", ""))
+        return SampleOutput(record.key, files, record.meta.get("source", ""), stats=(record, result))
+
+    def fold(self, outputs: Sequence[SampleOutput]) -> None:
+        for output in outputs:
+            if output.stats is not None:
+                self._account(*output.stats)
 
     def _account(self, record: ImageRecord, result: PseudoLabels) -> None:
         for item in result.kept:

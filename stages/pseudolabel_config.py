@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.data.vocab import Vocabulary, load_vocab
-from pipeline.stage import ConfigError, Resources
+from pipeline.config import ConfigError, resolve_device
+from pipeline.stage import Resources
 
 SCHEMA = "pseudolabel/1"
 MODES = ("stage11", "stage12", "both")
@@ -111,53 +111,9 @@ def check_config(cfg: PseudoLabelConfig, node: str) -> None:
             raise ConfigError(f"{node}.{key} has unknown key(s) {unknown}; valid keys: {sorted(known)}")
 
 
-def checked_vocab(cfg: PseudoLabelConfig, node: str) -> Vocabulary:
-    """The stage vocabulary (after `check_config`)."""
-    check_config(cfg, node)
-    try:
-        return load_vocab(cfg.vocab)
-    except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(f"{node}.vocab={cfg.vocab!r}: {error}") from None
-
-
-def checked_templates(cfg: PseudoLabelConfig, node: str) -> tuple[str, ...]:
-    """The prompt templates named by `prompt_templates`."""
-    from pipeline.models.prompts import get_templates
-
-    try:
-        return get_templates(cfg.prompt_templates)
-    except KeyError as error:
-        raise ConfigError(f"{node}.prompt_templates: {error.args[0]}") from None
-
-
-def checked_adapter(cfg: PseudoLabelConfig, vocab: Vocabulary, node: str) -> Any:
-    """The input adapter of `data` (its vocabulary defaults to the stage's and must equal it)."""
-    from pipeline.data.registry import ADAPTERS, adapter_fields, build_adapter
-
-    data = dict(cfg.data)
-    if data.get("kind") not in ADAPTERS:
-        raise ConfigError(f"{node}.data.kind={data.get('kind')!r}: set it to one of {sorted(ADAPTERS)} "
-                          f"(e.g. {node}.data={{kind: folder, root: /images}})")
-    if "vocab" in adapter_fields(data["kind"]) and data.get("vocab") is None:
-        data["vocab"] = cfg.vocab
-    try:
-        adapter = build_adapter(data)
-    except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(f"{node}.data: {error}") from None
-    theirs = getattr(adapter, "vocab", None)
-    if theirs is not None and tuple(theirs.names) != tuple(vocab.names):
-        raise ConfigError(f"{node}.data.vocab={theirs.name!r} differs from {node}.vocab={vocab.name!r}: the "
-                          f"ground-truth ids would mean other classes; set {node}.data.vocab={vocab.name}")
-    return adapter
-
-
 def model_config(values: dict[str, Any]) -> dict[str, Any]:
-    """A model config dict with ``device: auto`` resolved (cuda when torch sees a GPU, else cpu); worker side."""
-    if values.get("device") != "auto":
-        return dict(values)
-    import torch
-
-    return {**values, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    """A model config dict with ``device: auto`` resolved (`pipeline.config.resolve_device`); worker side."""
+    return {**values, "device": resolve_device(values["device"])} if "device" in values else dict(values)
 
 
 def _weights(ref: str | None, seed: int, key: str, allow_tags: bool = True) -> str:

@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.metrics import ConfusionMatrix, compute_metrics
-from pipeline.samples import encode_image, encode_label_png
+from pipeline.metrics import ConfusionMatrix, compute_metrics, sum_matrices
+from pipeline.sample_files import encode_image, encode_label_png, mask_record
 
 if TYPE_CHECKING:
     from pipeline.data.vocab import Vocabulary
 
-QUALITY_MAPS = ("stage11", "stage12", "merged")
 UNLABELLED = "<unlabelled>"
 QUALITY_FILE = "pseudolabel_quality.json"
 SAMPLE_FILES = {
@@ -37,19 +36,6 @@ SAMPLE_FILES = {
     "gt.png": "ground-truth train ids in the same convention (when the input has GT and keep_ground_truth)",
     "json": "provenance: schema, key, source, orig_size, vocab, vocab_digest, models, config, present_classes",
 }
-
-
-def mask_record(rle: Mapping[str, Any], category_id: int, score: float, producer: str) -> dict[str, Any]:
-    """One masks.json entry: COCO RLE (counts str), train id, score, producer, area (pixels), bbox XYWH (pixels).
-
-    ``bbox`` follows COCO (pycocotools ``toBbox``): the tight box with width = x_max - x_min + 1.
-    """
-    from pycocotools import mask as mask_utils
-
-    compressed = {"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")}
-    return {"segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]},
-            "category_id": int(category_id), "score": float(score), "producer": producer,
-            "area": int(mask_utils.area(compressed)), "bbox": [int(v) for v in mask_utils.toBbox(compressed)]}
 
 
 def mask_records(masks: Iterable[Any]) -> list[dict[str, Any]]:
@@ -95,15 +81,9 @@ class QualityAccumulator:
 
 def merge_quality(parts: Iterable[Mapping[str, Any]]) -> dict[str, ConfusionMatrix]:
     """Sum per-shard `QualityAccumulator.pop` dicts into one matrix per map name."""
-    merged: dict[str, ConfusionMatrix] = {}
-    for part in parts:
-        for name, data in part.items():
-            matrix = ConfusionMatrix.from_dict(data)
-            if name in merged:
-                merged[name].merge(matrix)
-            else:
-                merged[name] = matrix
-    return merged
+    parts = list(parts)
+    names = sorted({name for part in parts for name in part})
+    return {name: sum_matrices(part[name] for part in parts if name in part) for name in names}
 
 
 def summarize_quality(matrices: Mapping[str, ConfusionMatrix], names: Sequence[str]) -> dict[str, Any]:

@@ -37,11 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import ConfigError, checked_adapter, checked_vocab, resolve_device
 from pipeline.data.records import ImageRecord, ItemRef
-from pipeline.data.vocab import Vocabulary, load_vocab
-from pipeline.samples import encode_image, encode_label_png
+from pipeline.data.vocab import Vocabulary
+from pipeline.sample_files import encode_image, encode_label_png
 from pipeline.shards import SampleOutput, StageOutput, join, write_atomic
-from pipeline.stage import ConfigError, Resources, ShardPlan, Stage
+from pipeline.stage import Resources, ShardPlan, Stage, StageContext, shard_plans
 from stages.selftrain_files import class_regions
 from stages.selftrain_policies import (
     DEFAULT_EVAL_SPLITS,
@@ -118,13 +119,10 @@ class SelfTrainStage(Stage):
     uses_models = True
     Config = SelfTrainConfig
 
-    def __init__(self, context) -> None:  # noqa: ANN001 - StageContext, see Stage
+    def __init__(self, context: StageContext) -> None:
         super().__init__(context)
         cfg, node = self.cfg, context.node
-        try:
-            self.vocab: Vocabulary = load_vocab(cfg.vocab)
-        except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(f"{node}.vocab={cfg.vocab!r}: {error}") from None
+        self.vocab: Vocabulary = checked_vocab(cfg.vocab, f"{node}.vocab")
         self._check_knobs()
         self.split = self._split()
         self.eval_split = is_eval_split(self.split, cfg.eval_splits)
@@ -174,25 +172,9 @@ class SelfTrainStage(Stage):
             split = None if default is dataclasses.MISSING else default
         return None if split is None else str(split)
 
-    def _data_config(self) -> dict[str, Any]:
-        data = dict(self.cfg.data)
-        if data.get("vocab") is None:
-            data["vocab"] = self.cfg.vocab
-        return data
-
     def _build_adapter(self) -> Any:
         """The image-pool adapter; ConfigError when it cannot be built or its classes differ from `vocab`."""
-        from pipeline.data.registry import build_adapter
-
-        node = self.context.node
-        try:
-            adapter = build_adapter(self._data_config())
-        except (ValueError, FileNotFoundError) as error:
-            raise ConfigError(f"{node}.data: {error}") from None
-        if tuple(adapter.vocab.names) != self.vocab.names:
-            raise ConfigError(f"{node}.data.vocab={adapter.vocab.name!r} labels other classes than {node}.vocab="
-                              f"{self.vocab.name!r}; drop {node}.data.vocab or make them equal")
-        return adapter
+        return checked_adapter(self.cfg.data, self.vocab, self.context.node)
 
     def _build_protocol(self) -> Any:
         """The protocol preset with `protocol_overrides` applied and `knn_postprocess` = `knn`."""
@@ -217,16 +199,10 @@ class SelfTrainStage(Stage):
         refs = self._build_adapter().list_items()
         if not refs:
             raise ConfigError(f"{self.context.node}.data lists no images; check data.root / data.split")
-        per = self.cfg.samples_per_shard
-        return [ShardPlan(i, tuple(refs[start:start + per])) for i, start in enumerate(range(0, len(refs), per))]
+        return shard_plans(refs, self.cfg.samples_per_shard)
 
     def setup(self) -> None:
-        import torch
-
-        device = self.cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device
+        self.device = device = resolve_device(self.cfg.device)
         self.protocol = self._build_protocol()
         self.adapter = self._build_adapter()
         self.predictor = load_predictor(self.context.upstream["model"], self.vocab, device, self.cfg.knn)
@@ -253,8 +229,10 @@ class SelfTrainStage(Stage):
                                 error=f"policy {self.cfg.policy} needs ground truth; this image has none")
         scores = self._scores(record.image)
         label = self._label(scores, record.label)
-        pixels = self._account(label, record.label, self._targets(label, record.label))
-        return SampleOutput(record.key, self._files(record, label, scores, pixels), source=source)
+        targets = self._targets(label, record.label)
+        pixels = self._pixel_counts(label, targets)
+        return SampleOutput(record.key, self._files(record, label, scores, pixels), source=source,
+                            stats=(pixels, label, record.label, targets))
 
     def _scores(self, image: np.ndarray) -> np.ndarray:
         """[C, H, W] float32 scores at the image's resolution under the protocol."""
@@ -311,28 +289,31 @@ class SelfTrainStage(Stage):
         self._pixels = dict.fromkeys(PIXEL_COUNTS, 0)
         self._quality: Any = None
 
-    def _account(self, label: np.ndarray, gt: np.ndarray | None, targets: np.ndarray) -> dict[str, int]:
-        """Add one image to the shard's pixel counts and, when it has GT, to the label-quality matrix.
+    def _pixel_counts(self, label: np.ndarray, targets: np.ndarray) -> dict[str, int]:
+        """One image's pixel counts: "from_model" (targets labelled by the model), "rejected" (targets left ignore
+        by the threshold), "from_gt" (seen GT copied), "ignore" (all ignore pixels, rejected included)."""
+        labelled = label != self.vocab.ignore_index
+        by_model, num_labelled = int((targets & labelled).sum()), int(labelled.sum())
+        return {"from_model": by_model, "rejected": int((targets & ~labelled).sum()),
+                "from_gt": num_labelled - by_model, "ignore": int(label.size - num_labelled)}
 
-        Returns:
-            The image's pixel counts: "from_model" (targets labelled by the model), "rejected" (targets left
-            ignore by the threshold), "from_gt" (seen GT copied), "ignore" (all ignore pixels, rejected included).
-        """
+    def fold(self, outputs: Sequence[SampleOutput]) -> None:
+        """Add each image's pixel counts and, when it has GT, its model-labelled pixels to the quality matrix."""
         from pipeline.metrics import ConfusionMatrix
 
         ignore = self.vocab.ignore_index
-        labelled = label != ignore
-        from_model = targets & labelled
-        by_model, num_labelled = int(from_model.sum()), int(labelled.sum())
-        pixels = {"from_model": by_model, "rejected": int((targets & ~labelled).sum()),
-                  "from_gt": num_labelled - by_model, "ignore": int(label.size - num_labelled)}
-        for name, count in pixels.items():
-            self._pixels[name] += count
-        if gt is not None:
+        for output in outputs:
+            if output.stats is None:
+                continue
+            pixels, label, gt, targets = output.stats
+            for name, count in pixels.items():
+                self._pixels[name] += count
+            if gt is None:
+                continue
+            from_model = targets & (label != ignore)
             if self._quality is None:
                 self._quality = ConfusionMatrix(self.vocab.num_classes, ignore)
             self._quality.update(label[from_model].astype(np.int64), gt[from_model].astype(np.int64))
-        return pixels
 
     def end_shard(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"pixels": dict(self._pixels)}
@@ -345,16 +326,13 @@ class SelfTrainStage(Stage):
         """Sum pixel counts and quality matrices over shards; write `selftrain_quality.json` when GT was seen."""
         import fsspec
 
-        from pipeline.metrics import ConfusionMatrix, compute_metrics, to_json
+        from pipeline.metrics import compute_metrics, sum_matrices, to_json
 
         pixels = dict.fromkeys(PIXEL_COUNTS, 0)
-        quality = None
         for marker in done:
             for name, count in marker.extra.get("pixels", {}).items():
                 pixels[name] = pixels.get(name, 0) + int(count)
-            if "quality" in marker.extra:
-                part = ConfusionMatrix.from_dict(marker.extra["quality"])
-                quality = part if quality is None else quality.merge(part)
+        quality = sum_matrices(m.extra["quality"] for m in done if "quality" in m.extra)
         summary: dict[str, Any] = {"policy": self.cfg.policy, "threshold": self.cfg.threshold, "pixels": pixels}
         if quality is not None:
             metrics = compute_metrics(quality, self.vocab.names, self.vocab.seen_ids, self.vocab.unseen_ids)

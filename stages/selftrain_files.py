@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.sample_files import mask_record
+
 PRODUCER = "selftrain"
 
 
@@ -33,8 +35,6 @@ def class_regions(label: np.ndarray, scores: np.ndarray, ignore_index: int) -> l
         [{"segmentation": COCO RLE (counts str), "category_id", "score", "producer", "area" (pixels),
         "bbox": [x, y, w, h] (pixels; COCO `toBbox`, width = x_max - x_min + 1)}].
     """
-    from pycocotools import mask as mask_utils
-
     from pipeline.models.sam import mask_to_rle
 
     means = class_scores(label, scores, ignore_index)
@@ -42,11 +42,6 @@ def class_regions(label: np.ndarray, scores: np.ndarray, ignore_index: int) -> l
     for class_id in np.unique(label):
         if int(class_id) == ignore_index:
             continue
-        rle = mask_to_rle(label == class_id)
-        compressed = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-        regions.append({
-            "segmentation": rle, "category_id": int(class_id), "score": round(float(means[int(class_id)]), 6),
-            "producer": PRODUCER, "area": int(mask_utils.area(compressed)),
-            "bbox": [int(v) for v in mask_utils.toBbox(compressed)],
-        })
+        score = round(float(means[int(class_id)]), 6)
+        regions.append(mask_record(mask_to_rle(label == class_id), int(class_id), score, PRODUCER))
     return regions

@@ -26,10 +26,11 @@ from typing import Any
 
 import fsspec
 
-from pipeline.data.vocab import Vocabulary, load_vocab
+from pipeline.config import ConfigError, checked_vocab
+from pipeline.data.vocab import Vocabulary
 from pipeline.models.checkpoints import model_weights_identity
 from pipeline.shards import StageOutput, join, write_atomic
-from pipeline.stage import ConfigError, Stage, StageContext
+from pipeline.stage import Stage, StageContext
 from pipeline.trainer import LoopConfig, ScalingKnobs
 
 METHOD_PORTS = {"ifseg": ({"grids"}, {"images"}), "align": ({"images"},), "zegclip": ({"images"},)}
@@ -77,7 +78,7 @@ class TrainStage(Stage):
             options = " or ".join(str(sorted(o)) for o in METHOD_PORTS[cfg.method])
             raise ConfigError(f"{node}.inputs must name port(s) {options} (plus optional 'init') for method "
                               f"{cfg.method!r}; got {sorted(ports)}")
-        self.vocab: Vocabulary = load_vocab(cfg.vocab)
+        self.vocab: Vocabulary = checked_vocab(cfg.vocab, f"{node}.vocab")
 
     def identities(self) -> dict[str, str]:
         clip, dinov2 = self.cfg.clip, self.cfg.dinov2

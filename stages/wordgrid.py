@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.data.vocab import Vocabulary, load_vocab
-from pipeline.samples import encode_npy
+from pipeline.config import ConfigError, checked_vocab
+from pipeline.data.vocab import Vocabulary
+from pipeline.sample_files import encode_npy
 from pipeline.shards import SampleOutput
-from pipeline.stage import ConfigError, Resources, ShardPlan, Stage
+from pipeline.stage import Resources, ShardPlan, Stage, StageContext, shard_plans
 
 SCHEMA = "wordgrid/1"
 
@@ -111,7 +112,7 @@ class WordGridStage(Stage):
     schema = SCHEMA
     Config = WordGridConfig
 
-    def __init__(self, context) -> None:  # noqa: ANN001 - StageContext, see Stage
+    def __init__(self, context: StageContext) -> None:
         super().__init__(context)
         cfg = self.cfg
         if cfg.num_samples < 1 or cfg.samples_per_shard < 1:
@@ -119,7 +120,7 @@ class WordGridStage(Stage):
         if not 1 <= cfg.min_grid_size <= cfg.max_grid_size:
             raise ConfigError(f"{context.node}: need 1 <= min_grid_size <= max_grid_size, got "
                               f"{cfg.min_grid_size}, {cfg.max_grid_size}")
-        self.vocab: Vocabulary = load_vocab(cfg.vocab)
+        self.vocab: Vocabulary = checked_vocab(cfg.vocab, f"{context.node}.vocab")
         self.vocab_digest = self.vocab.digest()
         self.groups = self._groups() if cfg.hierarchical else None
 
@@ -133,8 +134,7 @@ class WordGridStage(Stage):
         return {"vocab": self.vocab_digest}
 
     def plan(self) -> list[ShardPlan]:
-        n, per = self.cfg.num_samples, self.cfg.samples_per_shard
-        return [ShardPlan(i, tuple(range(start, min(start + per, n)))) for i, start in enumerate(range(0, n, per))]
+        return shard_plans(range(self.cfg.num_samples), self.cfg.samples_per_shard)
 
     def item_key(self, item: int) -> str:
         return f"{self.context.node}_{item:09d}"

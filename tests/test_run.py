@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import dag
+from pipeline.config import ConfigError
 from pipeline.run import compose, main, run
 from pipeline.shards import open_stage
-from pipeline.stage import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = "+gridstats={stage:gridstats,inputs:{grids:wordgrid}}"

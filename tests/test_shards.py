@@ -18,10 +18,10 @@ from pipeline.shards import (
     commit_shard,
     open_stage,
     read_done,
-    split_for_rank,
     tar_bytes,
     write_stage_index,
 )
+from pipeline.tar_samples import split_for_rank
 
 
 def samples(n: int = 5, fail: tuple[int, ...] = ()) -> list[SampleOutput]:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.data.vocab import load_vocab
 from pipeline.run import compose, run
 from pipeline.shards import open_stage
-from pipeline.stage import ConfigError
 from pipeline.trainer import CheckpointStore, lr_schedule, trainable_state
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,8 +8,9 @@ import torch
 from scipy.stats import chisquare
 from torchvision.transforms import InterpolationMode, Resize
 
+from pipeline.config import ConfigError
 from pipeline.data.vocab import load_vocab
-from pipeline.stage import ConfigError, StageContext
+from pipeline.stage import StageContext
 from stages.wordgrid import WordGridStage, grid_to_maps, sample_grid, sample_stream, upsample_grid
 
 P_MIN = 1e-3  # a correct sampler fails a chi-square test at this level one time in a thousand

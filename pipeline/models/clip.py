@@ -17,22 +17,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import resolve_device
 from pipeline.models import clip_dense, sliding
 from pipeline.models.checkpoints import (
     is_hub_tag,
     load_checked,
-    model_weights_identity,
     resolve_weights,
     seeded_init,
 )
+from pipeline.models.configs import ClipConfig, clip_identity
 from pipeline.models.preprocess import CLIP_MEAN, CLIP_STD, to_normalized_tensor
 from pipeline.models.sliding import SlidingFeatures, patch_centers
 
@@ -54,34 +53,6 @@ def register_open_clip_configs() -> None:
         for path in OPEN_CLIP_CONFIGS:
             open_clip.add_model_config(path)
         _registered = True
-
-
-@dataclass
-class ClipConfig:
-    """How to build a `Clip`.
-
-    Attributes:
-        model_name: open_clip architecture (``ViT-B-16``, ``ViT-L-14``, ``toy-vit``, ...).
-        pretrained: hub tag, local path, fsspec URL, or ``None`` for random init.
-        precision: ``fp32``, ``bf16`` or ``fp16`` weights (open_clip's own conversion); outputs are float32.
-        device: torch device string.
-        force_quick_gelu: use QuickGELU (needed for OpenAI weights loaded from a file).
-        init_seed: seed for random init (``pretrained=None``), so random-init builds are reproducible.
-        dense_residual_mlp: MaskCLIP value path with residual + MLP (MaskCLIP code, default) or value projection
-            only (Seifi et al.'s wording); see `pipeline.models.clip_dense`.
-        text_batch_size: prompts per text-encoder call (does not change results).
-        image_batch_size: crops per image-encoder call in `Clip.sliding_dense` (does not change results).
-    """
-
-    model_name: str = "ViT-B-16"
-    pretrained: str | None = None
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    device: str = "cpu"
-    force_quick_gelu: bool = False
-    init_seed: int = 0
-    dense_residual_mlp: bool = True
-    text_batch_size: int = 256
-    image_batch_size: int = 32
 
 
 class Clip:
@@ -118,14 +89,12 @@ class Clip:
 
         with seeded_init(cfg.init_seed):
             model = open_clip.create_model(
-                cfg.model_name, pretrained=tag, precision=cfg.precision, device=cfg.device,
+                cfg.model_name, pretrained=tag, precision=cfg.precision, device=resolve_device(cfg.device),
                 force_quick_gelu=cfg.force_quick_gelu,
             )
         if local is not None:
             load_checked(model, local, arch=f"open_clip {cfg.model_name}", source="clip.pretrained")
-        weights = model_weights_identity(ref, cfg.init_seed, "clip.pretrained")
-        quick = "+quickgelu" if cfg.force_quick_gelu else ""
-        return cls(model, cfg, identity=f"open_clip:{cfg.model_name}{quick}@{weights}")
+        return cls(model, cfg, identity=clip_identity(cfg))
 
     @property
     def device(self) -> torch.device:

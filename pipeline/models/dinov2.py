@@ -13,20 +13,20 @@ converting first.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.config import resolve_device
 from pipeline.models.checkpoints import (
     CheckpointMismatchError,
     load_state_dict,
-    model_weights_identity,
     resolve_weights,
     seeded_init,
 )
+from pipeline.models.configs import Dinov2Config, dinov2_identity
 from pipeline.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
 
 TOY_CONFIG = Path(__file__).resolve().parent / "configs" / "dinov2-toy.json"
@@ -39,23 +39,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "use_swiglu_ffn": True},
 }
 _CHECKED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size", "use_swiglu_ffn")
-
-
-@dataclass
-class Dinov2Config:
-    """How to build a `Dinov2`.
-
-    Attributes:
-        name: preset (``dinov2-small``/``-base``/``-large``/``-giant``, or ``toy``).
-        weights: transformers directory, state-dict file, fsspec URL of either, or ``None`` for random init.
-        device: torch device string.
-        init_seed: seed for random init, so random-init builds are reproducible.
-    """
-
-    name: str = "dinov2-base"
-    weights: str | None = None
-    device: str = "cpu"
-    init_seed: int = 0
 
 
 def preset_config(name: str) -> Any:
@@ -138,9 +121,8 @@ class Dinov2:
                 model = Dinov2Model(expected)
         else:
             model = _load_pretrained(Path(local), expected, cfg.name)
-        model.to(cfg.device)
-        weights = model_weights_identity(cfg.weights, cfg.init_seed, "dinov2.weights", allow_tags=False)
-        return cls(model, cfg, identity=f"dinov2:{cfg.name}@{weights}")
+        model.to(resolve_device(cfg.device))
+        return cls(model, cfg, identity=dinov2_identity(cfg))
 
     @property
     def device(self) -> torch.device:

@@ -17,68 +17,22 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.config import resolve_device
 from pipeline.models.checkpoints import (
     load_checked,
-    model_weights_identity,
     resolve_weights,
     seeded_init,
 )
+from pipeline.models.configs import AmgConfig, SamConfig, sam_identity
 from pipeline.models.preprocess import check_rgb_uint8
 
 TOY_CONFIG = Path(__file__).resolve().parent / "configs" / "sam-toy.json"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class SamConfig:
-    """How to build a `Sam`.
-
-    Attributes:
-        model_type: ``vit_h``, ``vit_l``, ``vit_b`` (real SAM sizes) or ``toy`` (``configs/sam-toy.json``).
-        checkpoint: local path or fsspec URL of a plain state dict (SAM's released ``.pth`` layout), or ``None``
-            for random init.
-        device: torch device string.
-        precision: ``fp32``, or ``bf16``/``fp16`` autocast around the encoder and decoder (weights stay fp32).
-        init_seed: seed for random init, so random-init builds are reproducible.
-        encoder_batch_size: images per image-encoder call in `Sam.embed_images` (does not change results).
-        prompt_batch_size: prompt sets per mask-decoder call in `Sam.decode_points` (does not change results;
-            memory grows as sets x K x H x W float32 for the upsampled masks).
-    """
-
-    model_type: Literal["vit_h", "vit_l", "vit_b", "toy"] = "vit_b"
-    checkpoint: str | None = None
-    device: str = "cpu"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    init_seed: int = 0
-    encoder_batch_size: int = 4
-    prompt_batch_size: int = 16
-
-
-@dataclass
-class AmgConfig:
-    """``SamAutomaticMaskGenerator`` knobs, defaults = segment_anything's own defaults.
-
-    ``min_mask_region_area > 0`` removes small holes/islands with OpenCV, which is not installed by default here;
-    it is therefore 0 (also SAM's default) and a positive value fails early with an ImportError naming cv2.
-    ``output_mode`` is always ``coco_rle`` (masks as COCO RLE dicts with ``counts`` as str).
-    """
-
-    points_per_side: int | None = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 0
 
 
 @dataclass
@@ -161,9 +115,8 @@ class Sam:
             model = build_sam_architecture(cfg.model_type)
         if local is not None:
             load_checked(model, local, arch=f"sam {cfg.model_type}", source="sam.checkpoint")
-        model.to(cfg.device)
-        weights = model_weights_identity(cfg.checkpoint, cfg.init_seed, "sam.checkpoint", allow_tags=False)
-        return cls(model, cfg, identity=f"sam:{cfg.model_type}@{weights}")
+        model.to(resolve_device(cfg.device))
+        return cls(model, cfg, identity=sam_identity(cfg))
 
     @property
     def device(self) -> torch.device:

@@ -227,7 +227,7 @@ def test_transductive_pseudo_labels_only_on_unseen_pixels_from_switch(clip_model
     method = make_method(clip_model, mode="transductive", st_start_fraction=0.5, st_focal_weight=20.0)
     captured: list[tuple[torch.Tensor, list[int], float]] = []
 
-    def spy(logits, target, class_ids, ignore_index, focal_weight, *args):  # noqa: ANN001, ANN002, ANN202
+    def spy(logits, target, class_ids, ignore_index, focal_weight, *args):
         captured.append((target.clone(), [int(c) for c in class_ids], focal_weight))
         return nel_loss(logits, target, class_ids, ignore_index, focal_weight, *args)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import predictors
+from pipeline.config import ConfigError
 from pipeline.data.images import read_label_png
 from pipeline.data.registry import build_adapter
 from pipeline.data.vocab import load_vocab
@@ -22,9 +23,10 @@ from pipeline.eval_vocab import unseen_only_lut
 from pipeline.executor import run_shard
 from pipeline.inference import load_protocol, predict
 from pipeline.metrics import ConfusionMatrix, compute_metrics
-from pipeline.samples import encode_label_png
-from pipeline.shards import SampleOutput, StageOutput, commit_shard, iter_tar_samples, write_stage_index
-from pipeline.stage import ConfigError, StageContext
+from pipeline.sample_files import encode_label_png
+from pipeline.shards import SampleOutput, StageOutput, commit_shard, write_stage_index
+from pipeline.stage import StageContext
+from pipeline.tar_samples import iter_tar_samples
 from stages.evaluate import EvalStage
 
 TOY_DATA = {"kind": "toyworld", "split": "val", "num_images": 5, "size": 64}

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from pipeline.config import ConfigError
 from pipeline.models.sliding import patch_centers
-from pipeline.stage import ConfigError, StageContext
+from pipeline.sample_files import mask_record
+from pipeline.stage import StageContext
 from stages.pseudolabel import (
     LabelledMask,
     PseudoLabelStage,
@@ -26,7 +28,7 @@ from stages.pseudolabel import (
     present_classes,
 )
 from stages.pseudolabel_config import AMG_KEYS, CLIP_KEYS, SAM_KEYS
-from stages.pseudolabel_output import QualityAccumulator, mask_record, merge_quality, summarize_quality
+from stages.pseudolabel_output import QualityAccumulator, merge_quality, summarize_quality
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY = {"vocab": "toy", "clip": {"model_name": "toy-vit"}, "sam": {"model_type": "toy"}, "crop": 64, "stride": 32,

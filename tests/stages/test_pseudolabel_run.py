@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.executor import run_batch
 from pipeline.models.clip import Clip
 from pipeline.models.sam import AmgConfig, Sam, rle_to_mask
 from pipeline.stage import StageContext
@@ -53,7 +54,7 @@ def ready_stage(tmp_path: Path, **overrides: object) -> PseudoLabelStage:
 
 
 def run_items(stage: PseudoLabelStage, items: list) -> list:
-    return stage.process_batch([stage.load(item) for item in items])
+    return run_batch(stage, [stage.load(item) for item in items])
 
 
 def _image(height: int, width: int, seed: int) -> np.ndarray:
@@ -99,7 +100,7 @@ def test_crop_labeller_gives_each_mask_the_class_made_from_its_own_crop(tmp_path
 
 
 def test_crop_off_the_patch_grid_fails_at_setup_naming_the_keys(tmp_path: Path) -> None:
-    from pipeline.stage import ConfigError
+    from pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match="pl.crop=60 and .stride=32 must be multiples"):
         ready_stage(tmp_path, crop=60)

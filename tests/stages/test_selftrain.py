@@ -12,9 +12,11 @@ from PIL import Image
 from selftrain_fixtures import FixedLogitsPredictor
 
 from pipeline import dag
+from pipeline.config import ConfigError
 from pipeline.data.records import ImageRecord
 from pipeline.data.toyworld import ToyWorldAdapter
-from pipeline.stage import ConfigError, StageContext
+from pipeline.executor import run_batch
+from pipeline.stage import StageContext
 from stages import selftrain
 from stages.selftrain import SelfTrainStage
 from stages.selftrain_policies import (
@@ -140,7 +142,7 @@ def run_stage(monkeypatch, stage: SelfTrainStage, logits: list[float]) -> list:
     monkeypatch.setattr(selftrain, "load_predictor", lambda output, vocab, device, knn: predictor)
     stage.setup()
     records = [stage.load(ref) for ref in stage.plan()[0].items]
-    return stage.process_batch(records)
+    return run_batch(stage, records)
 
 
 TOY_LOGITS = [0.0, 0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 1.0, 0.0]  # water wins overall, dog among unseen
@@ -239,7 +241,7 @@ def test_end_to_end_through_the_runner(tmp_path, monkeypatch):
 
 def test_label_png_keeps_uint16_ids_exactly():
     from pipeline.data.images import read_label_png
-    from pipeline.samples import encode_label_png
+    from pipeline.sample_files import encode_label_png
 
     label = np.array([[0, 300], [65535, 171]], dtype=np.uint16)
     np.testing.assert_array_equal(read_label_png(encode_label_png(label)), label)

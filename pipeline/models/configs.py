@@ -1,0 +1,127 @@
+"""Torch-free configs of the foundation models: what the stages' typed configs nest and the builders take.
+
+Reading or validating a config never imports torch, so the driver checks every model knob (`pipeline.config.
+build_config`) before any work; `device: auto` is resolved by the builders on the worker (`resolve_device`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ClipConfig:
+    """How to build a `Clip`.
+
+    Attributes:
+        model_name: open_clip architecture (``ViT-B-16``, ``ViT-L-14``, ``toy-vit``, ...).
+        pretrained: hub tag, local path, fsspec URL, or ``None`` for random init.
+        precision: ``fp32``, ``bf16`` or ``fp16`` weights (open_clip's own conversion); outputs are float32.
+        device: torch device string, or ``auto`` (cuda when available, else cpu; resolved on the worker).
+        force_quick_gelu: use QuickGELU (needed for OpenAI weights loaded from a file).
+        init_seed: seed for random init (``pretrained=None``), so random-init builds are reproducible.
+        dense_residual_mlp: MaskCLIP value path with residual + MLP (MaskCLIP code, default) or value projection
+            only (Seifi et al.'s wording); see `pipeline.models.clip_dense`.
+        text_batch_size: prompts per text-encoder call (does not change results).
+        image_batch_size: crops per image-encoder call in `Clip.sliding_dense` (does not change results).
+    """
+
+    model_name: str = "ViT-B-16"
+    pretrained: str | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"
+    force_quick_gelu: bool = False
+    init_seed: int = 0
+    dense_residual_mlp: bool = True
+    text_batch_size: int = 256
+    image_batch_size: int = 32
+
+
+@dataclass
+class SamConfig:
+    """How to build a `Sam`.
+
+    Attributes:
+        model_type: ``vit_h``, ``vit_l``, ``vit_b`` (real SAM sizes) or ``toy`` (``configs/sam-toy.json``).
+        checkpoint: local path or fsspec URL of a plain state dict (SAM's released ``.pth`` layout), or ``None``
+            for random init.
+        device: torch device string, or ``auto`` (cuda when available, else cpu; resolved on the worker).
+        precision: ``fp32``, or ``bf16``/``fp16`` autocast around the encoder and decoder (weights stay fp32).
+        init_seed: seed for random init, so random-init builds are reproducible.
+        encoder_batch_size: images per image-encoder call in `Sam.embed_images` (does not change results).
+        prompt_batch_size: prompt sets per mask-decoder call in `Sam.decode_points` (does not change results;
+            memory grows as sets x K x H x W float32 for the upsampled masks).
+    """
+
+    model_type: Literal["vit_h", "vit_l", "vit_b", "toy"] = "vit_b"
+    checkpoint: str | None = None
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    init_seed: int = 0
+    encoder_batch_size: int = 4
+    prompt_batch_size: int = 16
+
+
+@dataclass
+class AmgConfig:
+    """``SamAutomaticMaskGenerator`` knobs, defaults = segment_anything's own defaults.
+
+    ``min_mask_region_area > 0`` removes small holes/islands with OpenCV, which is not installed by default here;
+    it is therefore 0 (also SAM's default) and a positive value fails early with an ImportError naming cv2.
+    ``output_mode`` is always ``coco_rle`` (masks as COCO RLE dicts with ``counts`` as str).
+    """
+
+    points_per_side: int | None = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
+    min_mask_region_area: int = 0
+
+
+@dataclass
+class Dinov2Config:
+    """How to build a `Dinov2`.
+
+    Attributes:
+        name: preset (``dinov2-small``/``-base``/``-large``/``-giant``, or ``toy``).
+        weights: transformers directory, state-dict file, fsspec URL of either, or ``None`` for random init.
+        device: torch device string, or ``auto`` (cuda when available, else cpu; resolved on the worker).
+        init_seed: seed for random init, so random-init builds are reproducible.
+    """
+
+    name: str = "dinov2-base"
+    weights: str | None = None
+    device: str = "auto"
+    init_seed: int = 0
+
+
+def clip_identity(cfg: ClipConfig) -> str:
+    """What `Clip.build(cfg)` loads: ``open_clip:<arch>[+quickgelu]@<weights identity>``."""
+    from pipeline.models.checkpoints import model_weights_identity
+
+    quick = "+quickgelu" if cfg.force_quick_gelu else ""
+    weights = model_weights_identity(cfg.pretrained, cfg.init_seed, "clip.pretrained")
+    return f"open_clip:{cfg.model_name}{quick}@{weights}"
+
+
+def sam_identity(cfg: SamConfig) -> str:
+    """What `Sam.build(cfg)` loads: ``sam:<model_type>@<weights identity>``."""
+    from pipeline.models.checkpoints import model_weights_identity
+
+    weights = model_weights_identity(cfg.checkpoint, cfg.init_seed, "sam.checkpoint", allow_tags=False)
+    return f"sam:{cfg.model_type}@{weights}"
+
+
+def dinov2_identity(cfg: Dinov2Config) -> str:
+    """What `Dinov2.build(cfg)` loads: ``dinov2:<preset>@<weights identity>``."""
+    from pipeline.models.checkpoints import model_weights_identity
+
+    weights = model_weights_identity(cfg.weights, cfg.init_seed, "dinov2.weights", allow_tags=False)
+    return f"dinov2:{cfg.name}@{weights}"
