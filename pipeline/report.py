@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.shards import write_atomic
+
 TITLE_HEIGHT = 16  # px, title bar above each panel
 PANEL_GAP = 4  # px between panels
 LEGEND_ROW = 16  # px per legend row
@@ -205,7 +207,8 @@ def write_report(
         raise ValueError(f"palette has {len(palette)} colours for {len(names)} classes")
     fs, root = fsspec.core.url_to_fs(out_dir)
     fs.makedirs(f"{root}/samples", exist_ok=True)
-    fs.pipe_file(f"{root}/legend.png", _png_bytes(draw_legend(range(len(names)), names, palette, 4 * LEGEND_COLUMN)))
+    legend = draw_legend(range(len(names)), names, palette, 4 * LEGEND_COLUMN)
+    write_atomic(fs, f"{root}/legend.png", _png_bytes(legend))
     lines = [f"# {title}", "", "## Metrics (%)", "", metric_table(metrics_by_method), ""]
     lines += _protocol_lines(metrics_by_method)
     lines += ["## Per-class IoU (%)", "", per_class_table(metrics_by_method, names), "", "## Samples", ""]
@@ -213,10 +216,10 @@ def write_report(
     for key, image, gt, preds in samples:
         stem = _safe_name(key)
         strip = render_sample(image, np.asarray(gt), preds, names, palette, max_panel_side)
-        fs.pipe_file(f"{root}/samples/{stem}.png", _png_bytes(strip))
+        write_atomic(fs, f"{root}/samples/{stem}.png", _png_bytes(strip))
         lines += [f"### {key}", "", f"![{stem}](samples/{stem}.png)", ""]
     report_path = f"{root}/report.md"
-    fs.pipe_file(report_path, "\n".join(lines).encode("utf-8"))
+    write_atomic(fs, report_path, "\n".join(lines).encode("utf-8"))
     return report_path if _is_local(fs) else fs.unstrip_protocol(report_path)
 
 

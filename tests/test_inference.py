@@ -1,4 +1,4 @@
-"""Tests for pipeline.inference: mmseg resize/slide semantics, score order, penalty, presets."""
+"""Tests for pipeline.predict.engine and .protocol: mmseg resize/slide semantics, score order, penalty, presets."""
 
 from __future__ import annotations
 
@@ -9,15 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.inference import (
-    Protocol,
-    load_protocol,
-    predict,
-    predict_scores,
-    rescale_size,
-    slide_logits,
-    slide_windows,
-)
+from pipeline.config import ConfigError
+from pipeline.predict.engine import predict, predict_scores, rescale_size, slide_logits, slide_windows
+from pipeline.predict.protocol import Protocol, build_protocol, load_protocol
 
 
 def _image(height: int = 360, width: int = 480, seed: int = 0) -> np.ndarray:
@@ -149,13 +143,22 @@ def test_presets_load_from_any_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert (zsseg.short_side, zsseg.max_long_side, zsseg.mode) == (640, 2560, "whole")
     assert (tcl.short_side, tcl.mode, tcl.crop, tcl.stride) == (448, "slide", 448, 224)
     assert [p.name for p in (ifseg, zeg, zsseg, tcl)] == ["ifseg", "zegclip", "zsseg", "tcl"]
-    with pytest.raises(FileNotFoundError, match="known presets"):
-        load_protocol("nope")
+    with pytest.raises(ConfigError, match=r"selftrain\.protocol='nope': no preset .*known presets: \['ifseg', "):
+        load_protocol("nope", key="selftrain.protocol")
+
+
+def test_overrides_apply_in_order_and_unknown_keys_are_named() -> None:
+    protocol = load_protocol("zegclip", [{"short_side": 64, "mode": "whole"}, {"short_side": 32}])
+    assert (protocol.short_side, protocol.mode, protocol.crop) == (32, "whole", 512)
+    with pytest.raises(ConfigError, match=r"eval\.protocol overrides: unknown protocol key\(s\) \['crop_size'\]"):
+        load_protocol("ifseg", [{"crop_size": 3}], key="eval.protocol")
 
 
 def test_invalid_protocol_values_are_rejected() -> None:
-    with pytest.raises(ValueError, match="protocol.mode"):
-        Protocol(mode="tiles")
+    with pytest.raises(ConfigError, match=r"p\.mode='tiles': expected one of \['whole', 'slide'\]"):
+        build_protocol({"mode": "tiles"}, "p")
+    with pytest.raises(ConfigError, match=r"p: protocol\.stride must satisfy"):
+        build_protocol({"crop": 256, "stride": 300}, "p")
     with pytest.raises(ValueError, match="stride"):
         Protocol(crop=256, stride=300)
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from pipeline.models.clip import Clip, ClipConfig
-from pipeline.predictors import MaskClipPredictor, build_predictor
+from pipeline.predict.predictors import MaskClipPredictor, build_predictor
 from pipeline.run import compose, run
 from pipeline.shards import open_stage
+from stages.evaluate.methods import MethodEntry
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,9 @@ def test_maskclip_pads_with_the_clip_mean_and_crops_back(toy_clip):
 
 
 def test_build_predictor_rejects_labels_and_unknown_kinds():
-    with pytest.raises(ValueError, match="has no predictor"):
-        build_predictor({"name": "p", "kind": "labels", "input": "x"}, None, {}, "cpu")
+    for kind in ("labels", "mystery"):
+        with pytest.raises(ValueError, match=f"kind '{kind}' has no predictor"):
+            build_predictor(MethodEntry(name="p", kind=kind, input="x"), None, {}, "cpu")
 
 
 def test_maskclip_baseline_end_to_end_through_the_runner(tmp_path):

@@ -16,9 +16,11 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.data.vocab import load_vocab
+from pipeline.predict.load_trained import load_trained
 from pipeline.run import compose, run
 from pipeline.shards import open_stage
-from pipeline.trainer import CheckpointStore, lr_schedule, trainable_state
+from pipeline.train.checkpoints import CheckpointStore, trainable_state
+from pipeline.train.loop import lr_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["wordgrid.num_samples=400", "wordgrid.samples_per_shard=100",
@@ -64,17 +66,15 @@ def test_train_ifseg_on_word_grids_writes_model_and_log(tmp_path):
 
 def test_predictor_serves_any_vocabulary(tmp_path):
     run(compose("demo", overrides(tmp_path, "train_ifseg.loop.steps=2")))
-    from stages.train import load_predictor
-
     output = open_stage(str(tmp_path / "train_ifseg"))
-    toy = load_predictor(output, load_vocab("toy"))
+    toy = load_trained(output, load_vocab("toy"))
     pixels = torch.rand(1, 3, 60, 52)  # not a multiple of the patch (8): padded, then cropped back
     assert toy.logits(pixels).shape == (1, 12, 60, 52)
     subset = load_vocab("toy").subset(["sky", "road", "car"], name="three")
-    three = load_predictor(output, subset).logits(pixels)
+    three = load_trained(output, subset).logits(pixels)
     assert three.shape == (1, 3, 60, 52)
     assert torch.allclose(three, toy.logits(pixels)[:, [0, 2, 7]], atol=1e-4)  # same model, classifier subset
-    knn = load_predictor(output, load_vocab("toy"), knn=True).logits(pixels)
+    knn = load_trained(output, load_vocab("toy"), knn=True).logits(pixels)
     assert torch.allclose(knn.softmax(1).sum(1), torch.ones(1, 60, 52), atol=1e-4)
 
 
@@ -82,6 +82,42 @@ def test_wrong_ports_for_method_fail_before_work(tmp_path):
     with pytest.raises(ConfigError, match="inputs must name port"):
         run(compose("demo", overrides(tmp_path, "train_ifseg.method=align")))
     assert not (tmp_path / "train_ifseg").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("+train_ifseg.ifseg.lrr=1", r"train_ifseg\.ifseg: unknown config key\(s\) \['lrr'\]"),
+    ("+train_ifseg.clip.pretraind=x", r"train_ifseg\.clip: unknown config key\(s\) \['pretraind'\]"),
+    ("+train_ifseg.dinov2.weigths=x", r"train_ifseg\.dinov2: unknown config key\(s\) \['weigths'\]"),
+    ("+train_ifseg.loop.step=3", r"train_ifseg\.loop: unknown config key\(s\) \['step'\]"),
+    ("train_ifseg.ifseg.width=wide", r"train_ifseg\.ifseg\.width='wide': expected int"),
+    ("train_ifseg.method=segformer", r"train_ifseg\.method='segformer': expected one of \['ifseg', 'align', "),
+    ("+train_ifseg.zegclip.mode=semi", r"train_ifseg\.zegclip\.mode='semi': expected one of"),
+    ("train_ifseg.loop.precision=fp8", r"train_ifseg\.loop\.precision='fp8'"),
+    ("train_ifseg.prompt_templates=nope", r"train_ifseg\.prompt_templates='nope'"),
+])
+def test_typos_in_method_model_and_loop_knobs_fail_on_the_driver_naming_the_key(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key):
+        run(compose("demo", overrides(tmp_path, override)))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_method_knob_typo_exits_2_from_the_cli_before_any_output(tmp_path):
+    cli = [sys.executable, "-m", "pipeline.run", "conf=demo", "stages=[train_ifseg]", f"output_root={tmp_path / 'out'}",
+           "+train_ifseg.ifseg.lrr=1"]
+    result = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "train_ifseg.ifseg: unknown config key(s) ['lrr']" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_every_method_has_a_builder_and_ports():
+    from typing import get_args
+
+    from pipeline.methods.configs import MethodName
+    from pipeline.methods.registry import METHODS
+    from stages.train.stage import METHOD_PORTS
+
+    assert set(METHODS) == set(get_args(MethodName)) == set(METHOD_PORTS)
 
 
 @pytest.mark.slow

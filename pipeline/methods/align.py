@@ -7,14 +7,13 @@ class scores are its cosine similarities with the text prototypes of any vocabul
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.methods.blocks import TransformerBlock, flatten_tokens, unflatten_tokens
+from pipeline.methods.configs import AlignConfig
 from pipeline.methods.tsupcon import tsupcon_loss
 
 __all__ = ["AlignConfig", "AlignMethod", "AlignmentModule", "patch_labels", "tsupcon_loss"]
@@ -107,39 +106,6 @@ def patch_labels(
         keep = counts[first] >= min_fraction * cell_pixels[cells[first]]
         out[cells[first][keep]] = classes[first][keep]
     return torch.from_numpy(out.reshape(grid_h, grid_w))
-
-
-@dataclass
-class AlignConfig:
-    """Knobs of the alignment method. The paper gives SGD + cosine, batch 5 images, 10 epochs; the lr, momentum
-    and weight decay are in its unavailable appendix, so lr 0.01 / momentum 0.9 / wd 1e-4 are our choice.
-
-    Attributes:
-        head, heads, mlp_ratio, dropout: see AlignmentModule.
-        temperature, include_self_positive, count_absent_classes: see tsupcon_loss.
-        ignore_index: unlabeled patch id in `patch_labels`.
-        min_fraction: patch-vote threshold of `patch_labels`.
-        lr, momentum, weight_decay: SGD settings.
-        schedule: learning-rate schedule name for the trainer ("cosine" annealing).
-        epochs: passes over the training images (paper: 10).
-        batch_size: images per update, global (paper: 5).
-    """
-
-    head: str = "transformer"
-    heads: int = 16
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    temperature: float = 1.0
-    include_self_positive: bool = True
-    count_absent_classes: bool = False
-    ignore_index: int = 255
-    min_fraction: float = 0.5
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    epochs: int = 10
-    batch_size: int = 5
 
 
 class AlignMethod:

@@ -17,13 +17,13 @@ classifier, never trained; checkpoints therefore hold no vocabulary and the clas
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.methods.blocks import TransformerBlock, drop_path_rates, flatten_tokens, unflatten_tokens
+from pipeline.methods.configs import IFSegConfig
 
 
 def grid_tokens(grid: Tensor, size: int = 32) -> Tensor:
@@ -146,49 +146,6 @@ class IFSegDecoder(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """Args: tokens: float [B, D, h, w]. Returns: float [B, M, h, w] logits against the frozen vocabulary."""
         return self.logit_scale * torch.einsum("bdhw,md->bmhw", self.embed(tokens), self.text_embeddings)
-
-
-@dataclass
-class IFSegConfig:
-    """Knobs of the IFSeg method. Optimiser defaults are IFSeg's OFA run (§1.4); decoder sizes are our choice.
-
-    Attributes:
-        width, depth, heads, mlp_ratio, dropout, attn_dropout, drop_path, pos_grid, logit_scale: see IFSegDecoder.
-        grid_size: side of the token grid a word grid is upsampled to (IFSeg: 32).
-        label_size: side of the label map the logits are bilinearly upsampled to for CE (IFSeg: 512).
-        lr: AdamW learning rate (IFSeg: 5e-5, for OFA-Base fine-tuning).
-        weight_decay: decoupled weight decay on every trainable parameter (fairseq adam: 0.1).
-        betas, eps: AdamW moments and epsilon.
-        steps: optimiser updates (IFSeg: 2000); warmup_steps: linear warm-up (IFSeg: 0).
-        schedule: learning-rate schedule name for the trainer (IFSeg: "cosine").
-        batch_size: grids per update, global (IFSeg: 16).
-        grad_clip: gradient-norm clip (IFSeg: 1.0).
-        knn_k, knn_iterations, knn_temperature: test-time post-processing (IFSeg: 3, 25, 1.0).
-    """
-
-    width: int = 512
-    depth: int = 6
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    dropout: float = 0.1
-    attn_dropout: float = 0.0
-    drop_path: float = 0.1
-    pos_grid: int = 32
-    logit_scale: float = 100.0
-    grid_size: int = 32
-    label_size: int = 512
-    lr: float = 5e-5
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    steps: int = 2000
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    batch_size: int = 16
-    grad_clip: float = 1.0
-    knn_k: int = 3
-    knn_iterations: int = 25
-    knn_temperature: float = 1.0
 
 
 class IFSegMethod:

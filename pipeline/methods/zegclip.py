@@ -15,69 +15,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.methods.configs import PIXEL_STATS, ZegCLIPConfig
 from pipeline.methods.zegclip_backbone import DeepPromptViT
 from pipeline.methods.zegclip_decoder import RelationshipDescriptor, ZegDecoder, init_head_weights
 from pipeline.methods.zegclip_loss import nel_loss
-
-PIXEL_STATS = {  # mean, std in 0..255 units per RGB channel
-    "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
-    "clip": ((122.7709, 116.7460, 104.0937), (68.5005, 66.6322, 70.3232)),
-}
-
-
-@dataclass
-class ZegCLIPConfig:
-    """Every ZegCLIP knob; defaults are the released VOC zero-shot config (methods-spec §4.4).
-
-    `norm_decay_mult` defaults to 1.0 on purpose: the release lists `norm`/`ln` with decay_mult 0, but mmcv
-    applies only the first matching custom key (longest first) and every trainable parameter also matches
-    `backbone` or `head`, so in the release all trainable parameters, norms included, get weight decay 0.01.
-    Set 0.0 for the config's apparent intent.
-    """
-
-    num_prompts: int = 10  # 10 VOC, 100 COCO, 35 Context
-    prompt_layers: list[int] | None = None  # 0-based prompted layers; None = all (paper Table 8 default)
-    prompt_dropout: float = 0.1
-    decoder_layers: int = 3
-    decoder_heads: int = 8
-    decoder_ffn_dim: int = 2048
-    decoder_dropout: float = 0.1
-    focal_weight: float = 100.0
-    dice_weight: float = 1.0
-    st_focal_weight: float | None = None  # focal weight once self-training runs; None = focal_weight (VOC ST: 20)
-    alpha: float = 0.25
-    gamma: float = 2.0
-    ignore_index: int = 255
-    mode: str = "inductive"  # "inductive" | "transductive"
-    seen_penalty: float = 0.1  # subtracted from seen-class sigmoid scores at inductive test time
-    st_seen_penalty: float = 0.0  # the same after transductive training (release: 0)
-    st_start_fraction: float = 0.5
-    lr: float = 2e-5
-    lr_mult: float = 10.0  # prompts and head (release: backbone and head lr_mult 10)
-    weight_decay: float = 0.01
-    norm_decay_mult: float = 1.0
-    warmup_iters: int = 1500
-    warmup_ratio: float = 1e-6
-    poly_power: float = 0.9
-    min_lr: float = 1e-6
-    batch_size: int = 16
-    crop_size: int = 512
-    slide_stride: int = 426
-    pixel_norm: str = "imagenet"  # "imagenet" (release) | "clip"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("inductive", "transductive"):
-            raise ValueError(f"zegclip.mode must be 'inductive' or 'transductive', got {self.mode!r}")
-        if self.pixel_norm not in PIXEL_STATS:
-            raise ValueError(f"zegclip.pixel_norm must be one of {sorted(PIXEL_STATS)}, got {self.pixel_norm!r}")
-        if not 0.0 <= self.st_start_fraction <= 1.0:
-            raise ValueError(f"zegclip.st_start_fraction must lie in [0, 1], got {self.st_start_fraction}")
 
 
 class ZegCLIPNet(nn.Module):

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 from selftrain_fixtures import FixedLogitsPredictor
 
-from pipeline import predictors
 from pipeline.executor import run_shard
+from pipeline.predict import predictors
 from pipeline.stage import ShardPlan, Stage, StageContext
 
 POISON = "poisoned item"
@@ -72,10 +72,11 @@ def test_pseudolabel_counts_each_image_once(tmp_path, monkeypatch):
 
 
 def test_selftrain_counts_each_image_once(tmp_path, monkeypatch):
-    from stages import selftrain
     from stages.selftrain import SelfTrainStage
+    from stages.selftrain import stage as selftrain_stage
 
-    monkeypatch.setattr(selftrain, "load_predictor", lambda *args: FixedLogitsPredictor([0.0, 1.0, 3.0] + [0.5] * 9))
+    predictor = FixedLogitsPredictor([0.0, 1.0, 3.0] + [0.5] * 9)
+    monkeypatch.setattr(selftrain_stage, "load_trained", lambda *args: predictor)
     config = {"vocab": "toy", "data": {"kind": "toyworld", "split": "train", "num_images": 4, "size": 32},
               "protocol_overrides": {"short_side": 32}, "policy": "zsseg_st"}
     upstream = {"model": SimpleNamespace(fingerprint="fp-model", manifest={"node": "train_ifseg"})}
@@ -95,7 +96,7 @@ def test_eval_counts_each_image_once(tmp_path, monkeypatch):
     from stages.evaluate import EvalStage
 
     monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "colour",
-                        lambda method, vocab, upstream, device: ColourModel(method["name"], vocab.num_classes))
+                        lambda method, vocab, upstream, device: ColourModel(method.name, vocab.num_classes))
     config = {"vocab": "toy", "data": {"kind": "toyworld", "split": "val", "num_images": 4, "size": 48},
               "methods": [{"name": "colour", "kind": "colour"}], "protocol_overrides": {"short_side": 48},
               "num_report_samples": 4}

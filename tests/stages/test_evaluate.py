@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -14,22 +12,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import predictors
 from pipeline.config import ConfigError
 from pipeline.data.images import read_label_png
 from pipeline.data.registry import build_adapter
 from pipeline.data.vocab import load_vocab
-from pipeline.eval_vocab import unseen_only_lut
 from pipeline.executor import run_shard
-from pipeline.inference import load_protocol, predict
 from pipeline.metrics import ConfusionMatrix, compute_metrics
+from pipeline.predict import predictors
+from pipeline.predict.engine import predict
+from pipeline.predict.protocol import load_protocol
 from pipeline.sample_files import encode_label_png
 from pipeline.shards import SampleOutput, StageOutput, commit_shard, write_stage_index
 from pipeline.stage import StageContext
 from pipeline.tar_samples import iter_tar_samples
 from stages.evaluate import EvalStage
+from stages.evaluate.vocab import unseen_only_lut
 
 TOY_DATA = {"kind": "toyworld", "split": "val", "num_images": 5, "size": 64}
+ORACLE_DATA = {"oracle": TOY_DATA}  # method name -> the data whose GT the `oracle` kind returns
 
 
 def digest(image: np.ndarray) -> str:
@@ -80,23 +80,24 @@ class CloseCall:
 
 @pytest.fixture
 def oracle_kind(monkeypatch):
-    """Registers method kinds `oracle` (GT of the method's data, optionally unseen-only) and `colour`."""
+    """Registers method kinds `oracle` (GT of `ORACLE_DATA[method name]`, optionally unseen-only), `colour` and
+    `close_call`."""
 
     def build_oracle(method, vocab, upstream, device):
-        adapter = build_adapter(method["clip"])  # the test passes the adapter config through a free-form key
+        adapter = build_adapter(ORACLE_DATA[method.name])
         lut = unseen_only_lut(adapter.vocab) if vocab.name.endswith("_unseen_only") else None
         table = {}
         for ref in adapter.list_items():
             record = adapter.load(ref)
             label = record.label.astype(np.int64)
             table[digest(record.image)] = label if lut is None else lut[np.minimum(label, len(lut) - 1)]
-        return Oracle(method["name"], vocab.num_classes, table)
+        return Oracle(method.name, vocab.num_classes, table)
 
     monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "oracle", build_oracle)
     monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "close_call",
-                        lambda method, vocab, upstream, device: CloseCall(method["name"], vocab.num_classes))
+                        lambda method, vocab, upstream, device: CloseCall(method.name, vocab.num_classes))
     monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "colour",
-                        lambda method, vocab, upstream, device: ColourModel(method["name"], vocab.num_classes))
+                        lambda method, vocab, upstream, device: ColourModel(method.name, vocab.num_classes))
 
 
 def make_stage(tmp_path: Path, config: dict, upstream: dict | None = None, name: str = "run") -> EvalStage:
@@ -118,15 +119,16 @@ def read_metrics(stage: EvalStage) -> dict:
 
 def toy_config(**overrides) -> dict:
     config = {"vocab": "toy", "data": TOY_DATA, "protocol": "ifseg", "protocol_overrides": {"short_side": 64},
-              "methods": [{"name": "oracle", "kind": "oracle", "clip": TOY_DATA}], "samples_per_shard": 2}
+              "methods": [{"name": "oracle", "kind": "oracle"}], "samples_per_shard": 2}
     return {**config, **overrides}
 
 
-def test_oracle_scores_100_on_real_camvid_images(tmp_path, shared_data, oracle_kind):
+def test_oracle_scores_100_on_real_camvid_images(tmp_path, shared_data, oracle_kind, monkeypatch):
     data = {"kind": "camvid", "root": str(shared_data / "camvid"), "split": "val"}
+    monkeypatch.setitem(ORACLE_DATA, "oracle", data)
     # CamVid is 480x360: short side 360 makes the protocol's resize an identity, so GT fed back is exact
     config = {"vocab": "camvid_11", "data": data, "protocol_overrides": {"short_side": 360},
-              "methods": [{"name": "oracle", "kind": "oracle", "clip": data}], "max_images": 10,
+              "methods": [{"name": "oracle", "kind": "oracle"}], "max_images": 10,
               "samples_per_shard": 4, "num_report_samples": 2}
     stage = make_stage(tmp_path, config)
     done, extra = run_stage(stage)
@@ -213,7 +215,7 @@ def test_unseen_only_lut_keeps_unseen_classes_in_vocab_order():
 
 def test_unseen_only_scores_unseen_gt_pixels_with_the_unseen_words(tmp_path, oracle_kind):
     constant = {"name": "tree", "kind": "colour", "protocol_overrides": {"short_side": 64}}
-    methods = [{"name": "oracle", "kind": "oracle", "clip": TOY_DATA}, constant]
+    methods = [{"name": "oracle", "kind": "oracle"}, constant]
     stage = make_stage(tmp_path, toy_config(methods=methods, gt_filter="unseen_only"))
     assert stage.eval_vocab.names == ("tree", "dog", "boat") and stage.eval_vocab.unseen_ids == (0, 1, 2)
     run_stage(stage)
@@ -288,7 +290,7 @@ def test_a_bad_sample_fails_alone_and_is_never_counted_twice(tmp_path):
 
 
 def test_report_and_metrics_files(tmp_path, oracle_kind):
-    methods = [{"name": "oracle", "kind": "oracle", "clip": TOY_DATA}, {"name": "colour", "kind": "colour"}]
+    methods = [{"name": "oracle", "kind": "oracle"}, {"name": "colour", "kind": "colour"}]
     stage = make_stage(tmp_path, toy_config(methods=methods, num_report_samples=3))
     run_stage(stage)
     out = Path(stage.context.output_url)
@@ -304,7 +306,15 @@ def test_report_and_metrics_files(tmp_path, oracle_kind):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"methods": [{"name": "m", "kind": "maskclip", "colour": 1}]}, r"unknown key\(s\) \['colour'\]"),
+    ({"methods": [{"name": "m", "kind": "maskclip", "colour": 1}]},
+     r"evaluate\.methods\[0\]: unknown config key\(s\) \['colour'\]"),
+    ({"methods": [{"name": "m", "kind": "trained", "input": "x", "knnn": True}]},
+     r"evaluate\.methods\[0\]: unknown config key\(s\) \['knnn'\]"),
+    ({"methods": [{"name": "m", "kind": "maskclip", "clip": {"pretraind": "x"}}]},
+     r"evaluate\.methods\[0\]\.clip: unknown config key\(s\) \['pretraind'\]"),
+    ({"methods": [{"name": "m", "kind": "maskclip", "templates": "nope"}]}, r"evaluate\.methods\[0\]\.templates"),
+    ({"methods": [{"name": "m", "kind": "maskclip", "logit_scale": "big"}]},
+     r"evaluate\.methods\[0\]\.logit_scale='big': expected float"),
     ({"methods": [{"name": "m", "kind": "labels", "input": "pseudo"}]}, r"methods\[0\]\.input='pseudo'"),
     ({"methods": [{"name": "m", "kind": "maskclip", "knn": True}]}, "K-NN post-processing"),
     ({"methods": [{"name": "m.png", "kind": "maskclip"}]}, r"methods\[0\]\.name"),
@@ -325,11 +335,13 @@ def test_config_errors_name_the_key_before_any_work(tmp_path, oracle_kind, chang
         make_stage(tmp_path, {**toy_config(), **change})
 
 
-def test_invalid_protocol_values_fail_in_plan(tmp_path):
-    stage = make_stage(tmp_path, toy_config(methods=[{"name": "m", "kind": "maskclip"}],
-                                            protocol_overrides={"stride": 999}))
-    with pytest.raises(ConfigError, match="stride"):
-        stage.plan()
+@pytest.mark.parametrize("overrides, match", [
+    ({"stride": 999}, r"evaluate\.methods\[0\]\.protocol: protocol\.stride must satisfy"),
+    ({"mode": "tiles"}, r"evaluate\.methods\[0\]\.protocol\.mode='tiles': expected one of \['whole', 'slide'\]"),
+])
+def test_invalid_protocol_values_fail_on_the_driver(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        make_stage(tmp_path, toy_config(methods=[{"name": "m", "kind": "maskclip"}], protocol_overrides=overrides))
 
 
 def test_unseen_only_needs_a_split(tmp_path, shared_data, oracle_kind):
@@ -341,19 +353,21 @@ def test_unseen_only_needs_a_split(tmp_path, shared_data, oracle_kind):
 def test_trained_methods_get_knn_from_the_protocol_unless_they_set_it(tmp_path, monkeypatch):
     calls = []
 
-    def load_predictor(output, vocab, device, knn):
-        calls.append((output, vocab.name, device, knn))
-        return ColourModel("trained", vocab.num_classes + (1 if output == "wrong" else 0))
+    def build_trained(method, vocab, upstream, device):
+        output = upstream[method.input]
+        calls.append((output, vocab.name, device, method.knn))
+        return ColourModel(method.name, vocab.num_classes + (1 if output == "wrong" else 0))
 
-    monkeypatch.setitem(sys.modules, "stages.train", types.SimpleNamespace(load_predictor=load_predictor))
+    monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "trained", build_trained)
     methods = [{"name": "ifseg", "kind": "trained", "input": "model"},  # ifseg preset: knn_postprocess true
                {"name": "ifseg_plus", "kind": "trained", "input": "model", "knn": False},
                {"name": "zegclip", "kind": "trained", "input": "model", "protocol": "zegclip"}]
     config = toy_config(inputs={"model": "train_ifseg"}, methods=methods, device="cpu")
     stage = make_stage(tmp_path, config, upstream={"model": "output"})
-    assert [spec.protocol_cfg["knn_postprocess"] for spec in stage.methods] == [True, False, False]
+    assert [spec.protocol.knn_postprocess for spec in stage.methods] == [True, False, False]
+    assert [spec.record()["protocol"]["knn_postprocess"] for spec in stage.methods] == [True, False, False]
     stage.setup()
     assert calls == [("output", "toy", "cpu", True), ("output", "toy", "cpu", False), ("output", "toy", "cpu", False)]
     wrong = make_stage(tmp_path, config, upstream={"model": "wrong"})
-    with pytest.raises(ValueError, match="predicts 13 classes"):
+    with pytest.raises(ValueError, match="'ifseg': the model predicts 13 classes, the vocabulary 'toy' has 12"):
         wrong.setup()

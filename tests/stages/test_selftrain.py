@@ -17,9 +17,9 @@ from pipeline.data.records import ImageRecord
 from pipeline.data.toyworld import ToyWorldAdapter
 from pipeline.executor import run_batch
 from pipeline.stage import StageContext
-from stages import selftrain
 from stages.selftrain import SelfTrainStage
-from stages.selftrain_policies import (
+from stages.selftrain import stage as selftrain_stage
+from stages.selftrain.policies import (
     is_eval_split,
     policy_all_pixels,
     policy_maskclip_plus,
@@ -124,12 +124,12 @@ def test_all_pixels_may_run_on_an_evaluation_split_but_writes_no_gt(monkeypatch)
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"policy": "st"}, "choose one of"),
+    ({"policy": "st"}, r"selftrain.policy='st': expected one of"),
     ({"vocab": "camvid_11", "policy": "zsseg_st"}, "no `unseen:` list"),
     ({"protocol_overrides": {"knn_postprocess": True}}, "set selftrain.knn instead"),
     ({"protocol": "nope"}, "presets"),
     ({"threshold": 1.5}, r"in \[0, 1\]"),
-    ({"image_format": "webp"}, "image_format"),
+    ({"image_format": "webp"}, r"selftrain.image_format='webp'"),
     ({"bogus": 1}, "unknown config key"),
 ])
 def test_bad_knobs_fail_with_the_key(config, message):
@@ -139,7 +139,7 @@ def test_bad_knobs_fail_with_the_key(config, message):
 
 def run_stage(monkeypatch, stage: SelfTrainStage, logits: list[float]) -> list:
     predictor = FixedLogitsPredictor(logits)
-    monkeypatch.setattr(selftrain, "load_predictor", lambda output, vocab, device, knn: predictor)
+    monkeypatch.setattr(selftrain_stage, "load_trained", lambda output, vocab, device, knn: predictor)
     stage.setup()
     records = [stage.load(ref) for ref in stage.plan()[0].items]
     return run_batch(stage, records)
@@ -214,7 +214,7 @@ def test_end_to_end_through_the_runner(tmp_path, monkeypatch):
 
     monkeypatch.setitem(dag.STAGES, "fakemodel", "selftrain_fixtures:FakeModelStage")
     predictor = FixedLogitsPredictor(TOY_LOGITS)
-    monkeypatch.setattr(selftrain, "load_predictor", lambda output, vocab, device, knn: predictor)
+    monkeypatch.setattr(selftrain_stage, "load_trained", lambda output, vocab, device, knn: predictor)
     overrides = [f"output_root={tmp_path}", "executor=local", "+model={stage:fakemodel,inputs:{}}",
                  "+stage@st=selftrain", "st.inputs.model=model", "st.policy=zsseg_st",
                  "+st.data={kind:toyworld,split:train,num_images:3,size:32}", "st.samples_per_shard=2",
@@ -266,7 +266,7 @@ def test_threshold_rejections_are_counted_and_leave_ignore(monkeypatch):
 
 
 def test_class_regions_scores_areas_and_boxes_on_a_hand_made_map():
-    from stages.selftrain_files import class_regions
+    from stages.selftrain.regions import class_regions
 
     label = np.array([[1, 1, I], [I, 2, 1]], dtype=np.uint8)
     regions = class_regions(label, SCORES, I)

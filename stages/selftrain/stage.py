@@ -1,9 +1,9 @@
 """Self-training labels: run a trained model over an image pool and write pseudo-label shards ("pseudolabel/1").
 
 The model is the output of a `train` node (input port `model`), turned into a predictor by
-`stages.train.load_predictor`. For each image, `pipeline.inference.predict_scores` gives per-class scores at the
-original resolution under a test-time protocol preset (`protocol`, default IFSeg: short side 512, whole image,
-softmax), and a named policy of `stages.selftrain_policies` turns them into a label map:
+`pipeline.predict.load_trained`. For each image, `pipeline.predict.engine.predict_scores` gives per-class scores at
+the original resolution under a test-time protocol preset (`protocol`, default IFSeg: short side 512, whole image,
+softmax), and a named policy of `stages.selftrain.policies` turns them into a label map:
 
 * `maskclip_plus`: pseudo-labels only where GT is an unseen class (MaskCLIP+, ZegCLIP †ST, IFSeg+; §1.7, §4.3);
 * `zsseg_st`: pseudo-labels on every pixel not covered by seen GT (ZSSeg+ST; §2.2);
@@ -32,33 +32,24 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from pipeline.config import ConfigError, checked_adapter, checked_vocab, resolve_device
 from pipeline.data.records import ImageRecord, ItemRef
 from pipeline.data.vocab import Vocabulary
+from pipeline.predict.load_trained import load_trained
+from pipeline.predict.protocol import Protocol, load_protocol
 from pipeline.sample_files import encode_image, encode_label_png
-from pipeline.shards import SampleOutput, StageOutput, join, write_atomic
+from pipeline.shards import SampleOutput, join, write_atomic
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext, shard_plans
-from stages.selftrain_files import class_regions
-from stages.selftrain_policies import (
-    DEFAULT_EVAL_SPLITS,
-    GT_POLICIES,
-    POLICIES,
-    is_eval_split,
-    policy_all_pixels,
-    policy_maskclip_plus,
-    policy_zsseg_st,
-)
+from stages.selftrain.policies import DEFAULT_EVAL_SPLITS, GT_POLICIES, Policy, is_eval_split, pseudo_label
+from stages.selftrain.regions import class_regions
 
 SCHEMA = "pseudolabel/1"
 QUALITY_FILE = "selftrain_quality.json"
-IMAGE_FORMATS = ("jpg", "png", "none")
 PIXEL_COUNTS = ("from_model", "rejected", "from_gt", "ignore")
-PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "conf" / "protocol"
 
 
 @dataclass
@@ -69,11 +60,12 @@ class SelfTrainConfig:
         vocab: vocabulary of the model and of the written labels (its `unseen` list defines the split).
         data: input adapter config for `pipeline.data.registry.build_adapter` (the image pool); `vocab`
             defaults to the stage's.
-        policy: "maskclip_plus" | "zsseg_st" | "all_pixels" (see `stages.selftrain_policies`).
+        policy: "maskclip_plus" | "zsseg_st" | "all_pixels" (see `stages.selftrain.policies`).
         threshold: pixels whose winning score is below it become ignore; score as the protocol gives it
             (softmax/sigmoid probability), not renormalised over the candidate classes. 0.0 = keep all.
         protocol: test-time protocol preset, `conf/protocol/<name>.yaml`.
-        protocol_overrides: fields of `pipeline.inference.Protocol` replacing the preset's (not knn_postprocess).
+        protocol_overrides: fields of `pipeline.predict.protocol.Protocol` replacing the preset's (not
+            knn_postprocess).
         knn: IFSeg K-NN post-processing while labelling (image-free models only; methods-spec §1.5 item 6).
         eval_splits: split names the GT-reading policies refuse (case-insensitive; a trailing year is ignored).
         image_format: "jpg" | "png" | "none" (then only `json.source` points at the image).
@@ -87,26 +79,19 @@ class SelfTrainConfig:
 
     vocab: str = "coco_stuff_171"
     data: dict[str, Any] = field(default_factory=lambda: {"kind": "toyworld", "split": "train"})
-    policy: str = "maskclip_plus"
+    policy: Policy = "maskclip_plus"
     threshold: float = 0.0
     protocol: str = "ifseg"
     protocol_overrides: dict[str, Any] = field(default_factory=dict)
     knn: bool = False
     eval_splits: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_SPLITS))
-    image_format: str = "jpg"
+    image_format: Literal["jpg", "png", "none"] = "jpg"
     jpeg_quality: int = 95
     keep_ground_truth: bool = True
     class_masks: bool = True
     samples_per_shard: int = 500
     device: str = "auto"
     resources: Resources = field(default_factory=lambda: Resources(num_cpus=1.0, batch_size=8))
-
-
-def load_predictor(output: StageOutput, vocab: Vocabulary, device: str, knn: bool) -> Any:
-    """The trained model of a `train` output as a `pipeline.predictors.Predictor` (delegates to stages.train)."""
-    from stages.train import load_predictor as load_trained
-
-    return load_trained(output, vocab, device, knn)
 
 
 class SelfTrainStage(Stage):
@@ -132,28 +117,21 @@ class SelfTrainStage(Stage):
                 f"{self.split!r} is an evaluation split ({node}.eval_splits={list(cfg.eval_splits)}); evaluation GT "
                 f"must never reach training data (ZSSeg issue #18: 'seen IoU 100'). Set {node}.data.split to a "
                 f"training split, or {node}.policy=all_pixels, which reads no ground truth.")
+        self.protocol = self._protocol()
         self.adapter: Any = None
         self.predictor: Any = None
-        self.protocol: Any = None
         self._reset_shard()
 
     def _check_knobs(self) -> None:
         cfg, node = self.cfg, self.context.node
-        if cfg.policy not in POLICIES:
-            raise ConfigError(f"{node}.policy={cfg.policy!r}: choose one of {list(POLICIES)}")
         if cfg.policy in GT_POLICIES and not self.vocab.unseen_ids:
             raise ConfigError(f"{node}.policy={cfg.policy} pseudo-labels unseen classes, but vocabulary "
                               f"{self.vocab.name!r} has no `unseen:` list; pick a split vocabulary or "
                               "policy=all_pixels")
-        if cfg.image_format not in IMAGE_FORMATS:
-            raise ConfigError(f"{node}.image_format={cfg.image_format!r}: choose one of {list(IMAGE_FORMATS)}")
         if not 0.0 <= cfg.threshold <= 1.0:
             raise ConfigError(f"{node}.threshold={cfg.threshold}: a score threshold in [0, 1] (0 rejects nothing)")
         if cfg.samples_per_shard < 1:
             raise ConfigError(f"{node}.samples_per_shard must be >= 1, got {cfg.samples_per_shard}")
-        if not (PROTOCOL_DIR / f"{cfg.protocol}.yaml").is_file():
-            known = sorted(p.stem for p in PROTOCOL_DIR.glob("*.yaml"))
-            raise ConfigError(f"{node}.protocol={cfg.protocol!r}: no preset in {PROTOCOL_DIR}; presets: {known}")
         if "knn_postprocess" in cfg.protocol_overrides:
             raise ConfigError(f"{node}.protocol_overrides.knn_postprocess: set {node}.knn instead")
         if not isinstance(cfg.data, dict) or "kind" not in cfg.data:
@@ -172,40 +150,29 @@ class SelfTrainStage(Stage):
             split = None if default is dataclasses.MISSING else default
         return None if split is None else str(split)
 
-    def _build_adapter(self) -> Any:
-        """The image-pool adapter; ConfigError when it cannot be built or its classes differ from `vocab`."""
-        return checked_adapter(self.cfg.data, self.vocab, self.context.node)
-
-    def _build_protocol(self) -> Any:
+    def _protocol(self) -> Protocol:
         """The protocol preset with `protocol_overrides` applied and `knn_postprocess` = `knn`."""
-        from pipeline.inference import Protocol, load_protocol
-
-        try:
-            values = {**asdict(load_protocol(self.cfg.protocol)), **self.cfg.protocol_overrides,
-                      "knn_postprocess": self.cfg.knn}
-            protocol = Protocol(**values)
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"{self.context.node}.protocol_overrides: {error}") from None
-        if protocol.score == "raw" and self.cfg.threshold > 0:
-            raise ConfigError(f"{self.context.node}.threshold={self.cfg.threshold} needs probabilities; the "
-                              "protocol's score is 'raw' (set protocol_overrides.score to softmax or sigmoid)")
+        cfg, node = self.cfg, self.context.node
+        protocol = load_protocol(cfg.protocol, [cfg.protocol_overrides, {"knn_postprocess": cfg.knn}],
+                                 f"{node}.protocol")
+        if protocol.score == "raw" and cfg.threshold > 0:
+            raise ConfigError(f"{node}.threshold={cfg.threshold} needs probabilities; the protocol's score is "
+                              "'raw' (set protocol_overrides.score to softmax or sigmoid)")
         return protocol
 
     def identities(self) -> dict[str, str]:
         return {"vocab": self.vocab.digest()}
 
     def plan(self) -> list[ShardPlan]:
-        self._build_protocol()  # validate before any compute
-        refs = self._build_adapter().list_items()
+        refs = checked_adapter(self.cfg.data, self.vocab, self.context.node).list_items()
         if not refs:
             raise ConfigError(f"{self.context.node}.data lists no images; check data.root / data.split")
         return shard_plans(refs, self.cfg.samples_per_shard)
 
     def setup(self) -> None:
         self.device = device = resolve_device(self.cfg.device)
-        self.protocol = self._build_protocol()
-        self.adapter = self._build_adapter()
-        self.predictor = load_predictor(self.context.upstream["model"], self.vocab, device, self.cfg.knn)
+        self.adapter = checked_adapter(self.cfg.data, self.vocab, self.context.node)
+        self.predictor = load_trained(self.context.upstream["model"], self.vocab, device, self.cfg.knn)
         if int(self.predictor.num_classes) != self.vocab.num_classes:
             raise ConfigError(f"{self.context.node}: the model predicts {self.predictor.num_classes} classes but "
                               f"vocabulary {self.vocab.name!r} has {self.vocab.num_classes}; use the train node's "
@@ -227,36 +194,21 @@ class SelfTrainStage(Stage):
         if self.cfg.policy in GT_POLICIES and record.label is None:
             return SampleOutput(record.key, None, source=source,
                                 error=f"policy {self.cfg.policy} needs ground truth; this image has none")
+        vocab = self.vocab
         scores = self._scores(record.image)
-        label = self._label(scores, record.label)
-        targets = self._targets(label, record.label)
+        label, targets = pseudo_label(self.cfg.policy, scores, record.label, vocab.seen_ids, vocab.unseen_ids,
+                                      vocab.ignore_index, self.cfg.threshold, vocab.label_dtype)
         pixels = self._pixel_counts(label, targets)
         return SampleOutput(record.key, self._files(record, label, scores, pixels), source=source,
                             stats=(pixels, label, record.label, targets))
 
     def _scores(self, image: np.ndarray) -> np.ndarray:
         """[C, H, W] float32 scores at the image's resolution under the protocol."""
-        from pipeline.inference import predict_scores
+        from pipeline.predict.engine import predict_scores
 
         scores = predict_scores(image, self.predictor.logits, self.protocol, self.vocab.num_classes,
                                 self.vocab.seen_ids, self.device)
         return scores.float().cpu().numpy()
-
-    def _label(self, scores: np.ndarray, gt: np.ndarray | None) -> np.ndarray:
-        vocab, cfg = self.vocab, self.cfg
-        if cfg.policy == "all_pixels":
-            return policy_all_pixels(scores, cfg.threshold, vocab.ignore_index, vocab.label_dtype)
-        policy = policy_maskclip_plus if cfg.policy == "maskclip_plus" else policy_zsseg_st
-        gt = gt.astype(vocab.label_dtype, copy=False)
-        return policy(scores, gt, vocab.seen_ids, vocab.unseen_ids, vocab.ignore_index, cfg.threshold)
-
-    def _targets(self, label: np.ndarray, gt: np.ndarray | None) -> np.ndarray:
-        """[H, W] bool: the pixels the policy asks the model to label (before the threshold)."""
-        if self.cfg.policy == "all_pixels":
-            return np.ones(label.shape, dtype=bool)
-        if self.cfg.policy == "maskclip_plus":
-            return np.isin(gt, np.asarray(self.vocab.unseen_ids, dtype=np.int64))
-        return ~np.isin(gt, np.asarray(self.vocab.seen_ids, dtype=np.int64))
 
     def _files(self, record: ImageRecord, label: np.ndarray, scores: np.ndarray,
                pixels: dict[str, int]) -> dict[str, bytes]:
@@ -355,3 +307,4 @@ class SelfTrainStage(Stage):
                 "json": "provenance: source, orig_size, vocab, model fingerprint, policy, threshold, protocol",
             },
         }
+

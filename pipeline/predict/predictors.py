@@ -1,13 +1,13 @@
 """Predictors: what the eval stage scores. A predictor maps un-normalised pixels to class logits over a vocabulary.
 
 The test-time protocol (resize, whole/slide, back to the original size, score transform, seen penalty) lives in
-`pipeline.inference`; a predictor only handles one whole image or one sliding-window crop, and owns its pixel
+`pipeline.predict.engine`; a predictor only handles one whole image or one sliding-window crop, and owns its pixel
 normalisation and any feature post-processing (IFSeg's K-NN).
 
 Kinds (the `kind` of an eval method):
     maskclip  training-free baseline: MaskCLIP dense CLIP features (value path of the last block) against the
               prompt-ensembled text embeddings of the vocabulary (`MaskClipPredictor`).
-    trained   a model from a `train` stage output, loaded by `stages.train.load_predictor`.
+    trained   a model from a `train` stage output (`pipeline.predict.load_trained`).
     labels    not a predictor: the eval stage reads an upstream pseudolabel/selftrain stage's `label.png`.
 
 `PREDICTOR_BUILDERS` maps each logits kind to its builder; tests register extra kinds (e.g. an oracle) there.
@@ -16,13 +16,14 @@ Kinds (the `kind` of an eval method):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
 
     from pipeline.data.vocab import Vocabulary
     from pipeline.models.clip import Clip
+    from pipeline.models.configs import ClipConfig
     from pipeline.shards import StageOutput
 
 
@@ -40,6 +41,28 @@ class Predictor(Protocol):
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """[1, 3, h, w] float32 RGB in [0, 1], un-normalised -> [1, C, h', w'] float32 class logits."""
         ...
+
+
+class PredictorOptions(Protocol):
+    """What a builder reads from an eval method entry (the eval stage's typed method config).
+
+    Attributes:
+        name: method name.
+        kind: the key of its builder in `PREDICTOR_BUILDERS`.
+        input: upstream port (trained).
+        knn: effective K-NN post-processing (trained).
+        clip, templates, name_variant, logit_scale: the MaskCLIP baseline's CLIP, prompt templates,
+            vocabulary name variant and logit scale (maskclip).
+    """
+
+    name: str
+    kind: str
+    input: str | None
+    knn: bool | None
+    clip: ClipConfig
+    templates: str
+    name_variant: str | None
+    logit_scale: float
 
 
 class MaskClipPredictor:
@@ -76,6 +99,7 @@ class MaskClipPredictor:
         import torch
 
         from pipeline.models.preprocess import normalize
+        from pipeline.predict.engine import on_patch_grid
 
         def grid_scores(normalised: torch.Tensor) -> torch.Tensor:
             features, _ = self.clip.dense_features(normalised)
@@ -85,57 +109,32 @@ class MaskClipPredictor:
         return on_patch_grid(normalised, self.clip.patch_size, grid_scores).to(pixels.device)
 
 
-def on_patch_grid(normalised: torch.Tensor, patch: int,
-                  grid_logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Run a patch-grid model on any image size.
-
-    Zero-pads the normalised pixels [1, 3, h, w] bottom/right to multiples of `patch` (zero = the mean colour
-    after normalisation), calls `grid_logits` (-> [1, C, ceil(h/p), ceil(w/p)]), upsamples bilinearly
-    (align_corners=False) to the padded size and crops back to [1, C, h, w].
-    """
-    import torch.nn.functional as F
-
-    _, _, height, width = normalised.shape
-    padded_h, padded_w = -(-height // patch) * patch, -(-width // patch) * patch
-    scores = grid_logits(F.pad(normalised, (0, padded_w - width, 0, padded_h - height)))
-    scores = F.interpolate(scores, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
-    return scores[:, :, :height, :width]
-
-
-def build_maskclip(method: Mapping[str, Any], vocab: Vocabulary, upstream: Mapping[str, StageOutput],
+def build_maskclip(method: PredictorOptions, vocab: Vocabulary, upstream: Mapping[str, StageOutput],
                    device: str) -> MaskClipPredictor:
-    """`MaskClipPredictor` from a method config.
+    """`MaskClipPredictor` of `method.clip` (device set to the stage's), scoring `vocab`'s prompts.
 
-    Method keys used: `name`, `clip` (`ClipConfig` fields; `device` is set to the stage's), `templates` (a
-    `pipeline.models.prompts` set name, default "maskclip85", MaskCLIP's 85 templates), `name_variant` (vocabulary
-    prompt-name variant, default "maskclip"; classes without one use their official name), `logit_scale` (100).
+    The prompts are `vocab.prompt_names(method.name_variant)` (classes without that variant use their official
+    name) in the `method.templates` set (MaskCLIP's 85 by default).
     """
-    from pipeline.models.clip import Clip, ClipConfig
+    import dataclasses
+
+    from pipeline.models.clip import Clip
     from pipeline.models.prompts import get_templates
 
-    clip = Clip.build(ClipConfig(**{**dict(method.get("clip") or {}), "device": device}))
-    names = vocab.prompt_names(method.get("name_variant", "maskclip"))
-    text = clip.encode_text(names, get_templates(method.get("templates", "maskclip85")))
-    return MaskClipPredictor(clip, text, name=method["name"], logit_scale=float(method.get("logit_scale", 100.0)))
+    clip = Clip.build(dataclasses.replace(method.clip, device=device))
+    text = clip.encode_text(vocab.prompt_names(method.name_variant), get_templates(method.templates))
+    return MaskClipPredictor(clip, text, name=method.name, logit_scale=method.logit_scale)
 
 
-def build_trained(method: Mapping[str, Any], vocab: Vocabulary, upstream: Mapping[str, StageOutput],
+def build_trained(method: PredictorOptions, vocab: Vocabulary, upstream: Mapping[str, StageOutput],
                   device: str) -> Predictor:
-    """A trained model from the upstream `train` output on port `method["input"]` (`stages.train.load_predictor`).
+    """The trained model of the upstream `train` output on port `method.input`, with K-NN when `method.knn`."""
+    from pipeline.predict.load_trained import load_trained
 
-    `method["knn"]` (bool) switches IFSeg's K-NN post-processing; the eval stage resolves it from the protocol
-    when the method does not set it.
-    """
-    from stages.train import load_predictor
-
-    predictor = load_predictor(upstream[method["input"]], vocab, device, bool(method.get("knn", False)))
-    if predictor.num_classes != vocab.num_classes:
-        raise ValueError(f"method {method['name']!r}: the trained model predicts {predictor.num_classes} classes, "
-                         f"the eval vocabulary {vocab.name!r} has {vocab.num_classes}")
-    return predictor
+    return load_trained(upstream[str(method.input)], vocab, device, bool(method.knn))
 
 
-PredictorBuilder = Callable[[Mapping[str, Any], "Vocabulary", Mapping[str, "StageOutput"], str], Predictor]
+PredictorBuilder = Callable[[PredictorOptions, "Vocabulary", Mapping[str, "StageOutput"], str], Predictor]
 PREDICTOR_BUILDERS: dict[str, PredictorBuilder] = {"maskclip": build_maskclip, "trained": build_trained}
 LABEL_KINDS: tuple[str, ...] = ("labels",)
 
@@ -145,21 +144,25 @@ def method_kinds() -> Sequence[str]:
     return (*PREDICTOR_BUILDERS, *LABEL_KINDS)
 
 
-def build_predictor(method_cfg: Mapping[str, Any], vocab: Vocabulary, upstream: Mapping[str, StageOutput],
+def build_predictor(method: PredictorOptions, vocab: Vocabulary, upstream: Mapping[str, StageOutput],
                     device: str) -> Predictor:
-    """The predictor of one eval method.
+    """The predictor of one eval method, checked to score exactly `vocab`'s classes.
 
     Args:
-        method_cfg: `{name, kind, ...}` with the kind's keys (see the builders).
-        vocab: the eval vocabulary; the predictor's logits follow its train ids.
+        method: the method's typed entry (see `PredictorOptions`); `method.kind` selects the builder.
+        vocab: the vocabulary to score; the predictor's logits follow its train ids.
         upstream: input port -> upstream stage output (for `trained`).
         device: torch device string.
 
     Raises:
-        ValueError: for `labels` (read by the stage, not predicted) or an unknown kind.
+        ValueError: for `labels` (read by the stage, not predicted), an unknown kind, or a predictor whose
+            number of classes is not `vocab`'s.
     """
-    kind = method_cfg.get("kind")
-    if kind not in PREDICTOR_BUILDERS:
-        raise ValueError(f"method {method_cfg.get('name')!r}: kind {kind!r} has no predictor; "
+    if method.kind not in PREDICTOR_BUILDERS:
+        raise ValueError(f"method {method.name!r}: kind {method.kind!r} has no predictor; "
                          f"predictor kinds: {sorted(PREDICTOR_BUILDERS)}")
-    return PREDICTOR_BUILDERS[kind](method_cfg, vocab, upstream, device)
+    predictor = PREDICTOR_BUILDERS[method.kind](method, vocab, upstream, device)
+    if predictor.num_classes != vocab.num_classes:
+        raise ValueError(f"method {method.name!r}: the model predicts {predictor.num_classes} classes, "
+                         f"the vocabulary {vocab.name!r} has {vocab.num_classes}")
+    return predictor

@@ -1,4 +1,4 @@
-"""Per-class regions (masks.json entries) of the "pseudolabel/1" samples written by the selftrain stage."""
+"""Per-class regions of a self-training label map: the `masks.json` entries of its "pseudolabel/1" samples."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def class_scores(label: np.ndarray, scores: np.ndarray, ignore_index: int) -> np
 
 
 def class_regions(label: np.ndarray, scores: np.ndarray, ignore_index: int) -> list[dict[str, Any]]:
-    """One `masks.json` entry per class present in `label`, in id order.
+    """One `masks.json` entry (`pipeline.sample_files.mask_record`) per class present in `label`, in id order.
 
     Args:
         label: [H, W] train ids, `ignore_index` = unlabelled.
@@ -32,8 +32,8 @@ def class_regions(label: np.ndarray, scores: np.ndarray, ignore_index: int) -> l
         ignore_index: label value skipped.
 
     Returns:
-        [{"segmentation": COCO RLE (counts str), "category_id", "score", "producer", "area" (pixels),
-        "bbox": [x, y, w, h] (pixels; COCO `toBbox`, width = x_max - x_min + 1)}].
+        [{"segmentation": COCO RLE (counts str), "category_id", "score", "producer": "selftrain", "area"
+        (pixels), "bbox": [x, y, w, h] (pixels; COCO `toBbox`, width = x_max - x_min + 1)}].
     """
     from pipeline.models.sam import mask_to_rle
 

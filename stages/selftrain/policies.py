@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import numpy as np
 
-POLICIES = ("maskclip_plus", "zsseg_st", "all_pixels")
+Policy = Literal["maskclip_plus", "zsseg_st", "all_pixels"]
+POLICIES: tuple[str, ...] = get_args(Policy)
 GT_POLICIES = ("maskclip_plus", "zsseg_st")
 DEFAULT_EVAL_SPLITS = ("val", "validation", "test")
 
@@ -68,12 +70,22 @@ def _check(scores: np.ndarray, gt: np.ndarray) -> None:
         raise ValueError(f"need scores [C, H, W] and gt [H, W] of the same H, W; got {scores.shape} and {gt.shape}")
 
 
-def _keep_seen_gt(gt: np.ndarray, seen_ids: Sequence[int], ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
-    """A label map holding the GT on seen-class pixels and `ignore_index` elsewhere, and that seen mask."""
+def _keep_seen_gt(gt: np.ndarray, seen_ids: Sequence[int], ignore_index: int) -> np.ndarray:
+    """A label map holding the GT on seen-class pixels and `ignore_index` elsewhere."""
     seen_mask = np.isin(gt, np.asarray(seen_ids, dtype=np.int64))
     label = np.full(gt.shape, ignore_index, dtype=gt.dtype)
     label[seen_mask] = gt[seen_mask]
-    return label, seen_mask
+    return label
+
+
+def targets_maskclip_plus(gt: np.ndarray, unseen_ids: Sequence[int]) -> np.ndarray:
+    """[H, W] bool: the pixels `maskclip_plus` pseudo-labels, those whose GT is an unseen class."""
+    return np.isin(gt, np.asarray(unseen_ids, dtype=np.int64))
+
+
+def targets_zsseg_st(gt: np.ndarray, seen_ids: Sequence[int]) -> np.ndarray:
+    """[H, W] bool: the pixels `zsseg_st` pseudo-labels, those whose GT is not a seen class (unseen and 255)."""
+    return ~np.isin(gt, np.asarray(seen_ids, dtype=np.int64))
 
 
 def _fill(label: np.ndarray, target: np.ndarray, scores: np.ndarray, candidate_ids: Sequence[int],
@@ -107,9 +119,8 @@ def policy_maskclip_plus(scores: np.ndarray, gt: np.ndarray, seen_ids: Sequence[
         (GT ignore included) `ignore_index`.
     """
     _check(scores, gt)
-    label, _ = _keep_seen_gt(gt, seen_ids, ignore_index)
-    target = np.isin(gt, np.asarray(unseen_ids, dtype=np.int64))
-    return _fill(label, target, scores, unseen_ids, threshold)
+    label = _keep_seen_gt(gt, seen_ids, ignore_index)
+    return _fill(label, targets_maskclip_plus(gt, unseen_ids), scores, unseen_ids, threshold)
 
 
 def policy_zsseg_st(scores: np.ndarray, gt: np.ndarray, seen_ids: Sequence[int], unseen_ids: Sequence[int],
@@ -133,8 +144,8 @@ def policy_zsseg_st(scores: np.ndarray, gt: np.ndarray, seen_ids: Sequence[int],
         [H, W] label map, gt's dtype.
     """
     _check(scores, gt)
-    label, seen_mask = _keep_seen_gt(gt, seen_ids, ignore_index)
-    return _fill(label, ~seen_mask, scores, unseen_ids, threshold)
+    label = _keep_seen_gt(gt, seen_ids, ignore_index)
+    return _fill(label, targets_zsseg_st(gt, seen_ids), scores, unseen_ids, threshold)
 
 
 def policy_all_pixels(scores: np.ndarray, threshold: float = 0.0, ignore_index: int = 255,
@@ -157,6 +168,33 @@ def policy_all_pixels(scores: np.ndarray, threshold: float = 0.0, ignore_index: 
         raise ValueError(f"need scores [C, H, W], got {scores.shape}")
     label = np.full(scores.shape[1:], ignore_index, dtype=dtype)
     return _fill(label, np.ones(label.shape, dtype=bool), scores, range(scores.shape[0]), threshold)
+
+
+def pseudo_label(policy: Policy, scores: np.ndarray, gt: np.ndarray | None, seen_ids: Sequence[int],
+                 unseen_ids: Sequence[int], ignore_index: int, threshold: float, dtype: type[np.integer]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """One image's labels under the named policy, and the pixels the policy asked the model to label.
+
+    Args:
+        policy: one of POLICIES.
+        scores: [C, H, W] float per-class scores.
+        gt: [H, W] integer train ids (read by GT_POLICIES only; None allowed for `all_pixels`).
+        seen_ids, unseen_ids: the vocabulary's split.
+        ignore_index: label value of ignored pixels.
+        threshold: see the module docstring.
+        dtype: label dtype (uint8, or uint16 for vocabularies of more than 255 classes).
+
+    Returns:
+        ([H, W] label map of `dtype`, [H, W] bool target pixels, before the threshold).
+    """
+    if policy == "all_pixels":
+        return policy_all_pixels(scores, threshold, ignore_index, dtype), np.ones(scores.shape[1:], dtype=bool)
+    gt = gt.astype(dtype, copy=False)
+    if policy == "maskclip_plus":
+        label = policy_maskclip_plus(scores, gt, seen_ids, unseen_ids, ignore_index, threshold)
+        return label, targets_maskclip_plus(gt, unseen_ids)
+    label = policy_zsseg_st(scores, gt, seen_ids, unseen_ids, ignore_index, threshold)
+    return label, targets_zsseg_st(gt, seen_ids)
 
 
 def is_eval_split(split: str | None, eval_splits: Sequence[str] = DEFAULT_EVAL_SPLITS) -> bool:

@@ -1,4 +1,4 @@
-"""Infinite, per-rank batch streams over stage outputs for the trainers.
+"""Infinite, per-rank batch streams over stage outputs for the trainers, and the sample decoders they apply.
 
 Each rank reads a disjoint part of the samples (whole shards when there are enough, every world-th sample
 otherwise), shuffles with a buffer seeded by (seed, rank, epoch), and restarts cleanly at any step's epoch.
@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.sample_files import decode_label_png
 from pipeline.shards import StageOutput
 from pipeline.tar_samples import iter_tar_samples, split_for_rank
-from pipeline.trainer import rank_and_world
+from pipeline.train.fit import rank_and_world
 
 
 def rank_samples(output: StageOutput, seed: int, epoch: int, shuffle_buffer: int = 1000) -> Iterator[dict[str, Any]]:
@@ -66,7 +66,8 @@ def decode_grid(sample: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(np.load(io.BytesIO(sample["grid.npy"])).astype(np.int64))
 
 
-def decode_png(data: bytes) -> np.ndarray:
+def decode_rgb(data: bytes) -> np.ndarray:
+    """[H, W, 3] uint8 of a sample's `jpg`/`png` image member, as stored (stages write RGB)."""
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
@@ -91,7 +92,7 @@ class ImageLabelDecoder:
         if ext not in sample or self.label_file not in sample:
             raise KeyError(f"sample {sample['__key__']} lacks '{ext}' or '{self.label_file}' (image_format: none "
                            "shards cannot be trained on; re-run the producing stage with images stored)")
-        image = torch.from_numpy(decode_png(sample[ext]).copy()).permute(2, 0, 1).float() / 255.0
+        image = torch.from_numpy(decode_rgb(sample[ext]).copy()).permute(2, 0, 1).float() / 255.0
         label = torch.from_numpy(decode_label_png(sample[self.label_file]).astype(np.int64))
         return self.augment(image, label)
 

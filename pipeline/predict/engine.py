@@ -1,8 +1,9 @@
-"""One test-time inference implementation for every evaluation protocol.
+"""One test-time inference implementation for every evaluation protocol (`pipeline.predict.protocol`).
 
 A protocol (IFSeg, ZegCLIP, ZSSeg, TCL/FMbSeg) is data: resize rule, whole-image or sliding-window
 inference, score transform and seen-class penalty. A model is a callable that maps un-normalised RGB
 pixels in [0, 1] to class logits; normalisation and any feature post-processing (IFSeg K-NN) are its job.
+Patch-grid models (ViTs) run on any image size through `on_patch_grid`.
 
 Order of operations (mmseg `EncoderDecoder.inference` / ZegCLIP `slide_inference`):
 1. resize keeping aspect ratio: scale = min(short_side / min(H, W), max_long_side / max(H, W)),
@@ -26,74 +27,30 @@ unpadded. detectron2 (ZSSeg) resizes with PIL, which antialiases when downscalin
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.models.preprocess import image_tensor
+from pipeline.predict.protocol import Protocol
 
-PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "conf" / "protocol"
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class Protocol:
-    """Test-time protocol settings; recorded next to every metric they produce.
+def on_patch_grid(normalised: torch.Tensor, patch: int,
+                  grid_logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Run a patch-grid model on any image size.
 
-    Attributes:
-        name: protocol name, e.g. "ifseg", "zegclip", "zsseg", "tcl".
-        short_side: target short side in pixels after resizing (keep aspect ratio).
-        max_long_side: cap on the long side in pixels (mmseg img_scale=(max_long_side, short_side)).
-        mode: "whole" (one forward on the resized image) or "slide" (mmseg sliding window).
-        crop: slide window side in pixels (square).
-        stride: slide stride in pixels; must satisfy 0 < stride <= crop.
-        seen_penalty: subtracted from seen-class scores before the argmax (ZegCLIP inductive: 0.1 on sigmoid).
-        score: "softmax" | "sigmoid" | "raw": what the penalty and argmax act on.
-        background: dataset background policy recorded with the metrics: "ignore" (bg GT -> 255),
-            "class" (bg is a class), "stuff_names" (stuff words in the vocabulary map to bg).
-        knn_postprocess: whether IFSeg's K-NN post-processing is on (the logits callable does it).
+    Zero-pads the normalised pixels [1, 3, h, w] bottom/right to multiples of `patch` (zero = the mean colour
+    after normalisation), calls `grid_logits` (-> [1, C, ceil(h/p), ceil(w/p)]), upsamples bilinearly
+    (align_corners=False) to the padded size and crops back to [1, C, h, w].
     """
-
-    name: str = "ifseg"
-    short_side: int = 512
-    max_long_side: int = 2048
-    mode: str = "whole"
-    crop: int = 512
-    stride: int = 426
-    seen_penalty: float = 0.0
-    score: str = "softmax"
-    background: str = "ignore"
-    knn_postprocess: bool = False
-
-    def __post_init__(self) -> None:
-        choices = {"mode": ("whole", "slide"), "score": ("softmax", "sigmoid", "raw"),
-                   "background": ("ignore", "class", "stuff_names")}  # fmt: skip
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"protocol.{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if self.short_side <= 0 or self.max_long_side <= 0:
-            raise ValueError(f"protocol sizes must be positive, got {self.short_side}/{self.max_long_side}")
-        if not 0 < self.stride <= self.crop:
-            raise ValueError(f"protocol.stride must satisfy 0 < stride <= crop, got {self.stride}/{self.crop}")
-
-
-def load_protocol(name: str) -> Protocol:
-    """Protocol preset `conf/protocol/<name>.yaml` (found relative to this file, so any cwd works)."""
-    import yaml
-
-    path = PROTOCOL_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in PROTOCOL_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"no protocol preset {name!r} at {path}; known presets: {known}")
-    data = yaml.safe_load(path.read_text()) or {}
-    data.pop("_target_", None)
-    unknown = set(data) - {f.name for f in fields(Protocol)}
-    if unknown:
-        raise ValueError(f"{path}: unknown protocol keys {sorted(unknown)}")
-    return Protocol(**data)
+    _, _, height, width = normalised.shape
+    padded_h, padded_w = -(-height // patch) * patch, -(-width // patch) * patch
+    scores = grid_logits(F.pad(normalised, (0, padded_w - width, 0, padded_h - height)))
+    scores = F.interpolate(scores, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
+    return scores[:, :, :height, :width]
 
 
 def rescale_size(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:

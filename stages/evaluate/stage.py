@@ -1,7 +1,7 @@
 """Evaluation: score trained models, training-free baselines and pseudo-labels on a labelled split.
 
 One engine for every protocol (methods-spec §6.4): each method predicts every eval image under its protocol
-(`pipeline.inference.predict`: keep-ratio resize, whole or sliding window, logits back to the ORIGINAL size,
+(`pipeline.predict.engine.predict`: keep-ratio resize, whole or sliding window, logits back to the ORIGINAL size,
 score transform, seen penalty), predictions are accumulated into one dataset-level confusion matrix per method
 (per shard, merged on the driver, exact), and `pipeline.metrics.compute_metrics` derives per-class IoU, mIoU,
 pAcc and, when the vocabulary has a seen/unseen split, mIoU(S), mIoU(U) and hIoU of that one all-class prediction.
@@ -15,7 +15,7 @@ Ground-truth filters (`gt_filter`):
 
 Background words (`background_words`, protocol `background: stuff_names`; Seifi et al. PV-21): logits methods
 score the vocabulary plus extra stuff words, and pixels won by those words become `background_class`
-(`pipeline.eval_vocab`).
+(`stages.evaluate.vocab`).
 
 Pseudo-label methods (`kind: labels`) read `label.png` of an upstream pseudolabel/selftrain output for the same
 sample keys. Their unlabelled pixels (ignore) are left out of the matrix, so their IoU measures the labels
@@ -33,23 +33,22 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from pipeline.config import ConfigError, checked_adapter, checked_vocab, resolve_device
 from pipeline.data.records import ImageRecord, ItemRef
 from pipeline.data.vocab import Vocabulary
-from pipeline.eval_methods import MethodSpec, parse_methods
-from pipeline.eval_vocab import fold_background_words, unseen_only_lut, unseen_only_vocab, with_background_words
 from pipeline.metrics import ConfusionMatrix, compute_metrics, sum_matrices, to_json
 from pipeline.sample_files import decode_label_png, encode_label_png
-from pipeline.shards import SampleOutput, join
+from pipeline.shards import SampleOutput, join, write_atomic
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext, shard_plans
-from pipeline.upstream_labels import index_keys, read_label_pngs
+from stages.evaluate.methods import MethodSpec, parse_methods
+from stages.evaluate.upstream_labels import index_keys, read_label_pngs
+from stages.evaluate.vocab import fold_background_words, unseen_only_lut, unseen_only_vocab, with_background_words
 
 SCHEMA = "eval/1"
-GT_FILTERS = (None, "unseen_only")
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +63,7 @@ class EvalConfig:
         protocol: default protocol preset (`conf/protocol/<name>.yaml`) of methods that name none.
         protocol_overrides: protocol fields applied to every method (dataset facts, e.g. short_side).
         methods: `{name, kind, input?, knn?, clip?, templates?, name_variant?, logit_scale?, protocol?,
-            protocol_overrides?, miou_denominator?}` per method (see `pipeline.eval_methods`).
+            protocol_overrides?, miou_denominator?}` per method (`stages.evaluate.methods.MethodEntry`).
         seen_ids_from_vocab: report mIoU(S)/mIoU(U)/hIoU from the vocabulary's unseen list (and give seen classes
             the protocol's seen penalty); no split when false or when the eval vocabulary lacks seen or unseen
             classes (e.g. `gt_filter: unseen_only`, or the all-unseen `coco_unseen_15`).
@@ -81,13 +80,13 @@ class EvalConfig:
     """
 
     vocab: str = "toy"
-    data: dict = field(default_factory=lambda: {"kind": "toyworld", "split": "val", "num_images": 16})
+    data: dict[str, Any] = field(default_factory=lambda: {"kind": "toyworld", "split": "val", "num_images": 16})
     protocol: str = "ifseg"
-    protocol_overrides: dict = field(default_factory=dict)
-    methods: list = field(default_factory=lambda: [{"name": "maskclip", "kind": "maskclip"}])
+    protocol_overrides: dict[str, Any] = field(default_factory=dict)
+    methods: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "maskclip", "kind": "maskclip"}])
     seen_ids_from_vocab: bool = True
-    gt_filter: str | None = None
-    background_words: list = field(default_factory=list)
+    gt_filter: Literal["unseen_only"] | None = None
+    background_words: list[str] = field(default_factory=list)
     background_class: str = "background"
     miou_denominator: str = "mmseg"
     max_images: int | None = None
@@ -118,8 +117,6 @@ class EvalStage(Stage):
     def __init__(self, context: StageContext) -> None:
         super().__init__(context)
         cfg, node = self.cfg, context.node
-        if cfg.gt_filter not in GT_FILTERS:
-            raise ConfigError(f"{node}.gt_filter={cfg.gt_filter!r}: choose one of {list(GT_FILTERS)}")
         if cfg.samples_per_shard < 1 or cfg.num_report_samples < 0 or (cfg.max_images or 1) < 1:
             raise ConfigError(f"{node}: need samples_per_shard >= 1, num_report_samples >= 0, max_images >= 1")
         self.vocab = checked_vocab(cfg.vocab, f"{node}.vocab")
@@ -128,7 +125,7 @@ class EvalStage(Stage):
         self.methods: list[MethodSpec] = parse_methods(cfg.methods, node, ports, cfg.protocol,
                                                        cfg.protocol_overrides, cfg.miou_denominator)
         self.predict_vocab, self.background_id = self._predict_vocabulary()
-        self.adapter = self._adapter()
+        self.adapter = checked_adapter(cfg.data, self.vocab, node)
         split = cfg.seen_ids_from_vocab and bool(self.eval_vocab.unseen_ids) and bool(self.eval_vocab.seen_ids)
         self.unseen_ids = list(self.eval_vocab.unseen_ids) if split else None  # GZSL S/U/hIoU only with both
         self.seen_ids = list(self.eval_vocab.seen_ids) if split else []  # the classes the seen penalty lowers
@@ -147,7 +144,7 @@ class EvalStage(Stage):
         cfg, node = self.cfg, self.context.node
         logits_methods = sorted(m.name for m in self.methods if not m.is_labels)
         stuff = sorted(m.name for m in self.methods
-                       if not m.is_labels and m.protocol_cfg.get("background") == "stuff_names")
+                       if not m.is_labels and m.protocol.background == "stuff_names")
         if not cfg.background_words:
             if stuff:
                 raise ConfigError(f"{node}: methods {stuff} use protocol background=stuff_names but "
@@ -165,9 +162,6 @@ class EvalStage(Stage):
             raise ConfigError(f"{node}.background_words: {error}") from None
         return extended, self.eval_vocab.names.index(cfg.background_class)
 
-    def _adapter(self) -> Any:
-        return checked_adapter(self.cfg.data, self.vocab, self.context.node)
-
     def identities(self) -> dict[str, str]:
         """Vocabulary digest, and per method its resolved protocol and (maskclip) CLIP weights identity."""
         from pipeline.fingerprint import without_weight_refs
@@ -177,16 +171,12 @@ class EvalStage(Stage):
         for spec in self.methods:
             ids[f"method:{spec.name}"] = json.dumps(without_weight_refs(spec.record()), sort_keys=True)
             if spec.kind == "maskclip":
-                clip = dict(spec.options.get("clip") or {})
-                key = f"{self.context.node}.methods.clip.pretrained"
-                ids[f"weights:{spec.name}"] = model_weights_identity(clip.get("pretrained"),
-                                                                     int(clip.get("init_seed", 0)), key)
+                clip, key = spec.entry.clip, f"{self.context.node}.methods.clip.pretrained"
+                ids[f"weights:{spec.name}"] = model_weights_identity(clip.pretrained, clip.init_seed, key)
         return ids
 
     def plan(self) -> list[ShardPlan]:
         """Shards of `samples_per_shard` eval images; each item carries its labels-methods' upstream shard URLs."""
-        for spec in self.methods:
-            spec.protocol  # noqa: B018 - builds the Protocol: invalid values fail here, before any compute
         sources = {spec.name: self._label_index(spec) for spec in self.methods if spec.is_labels}
         refs = self.adapter.list_items()[: self.cfg.max_images]
         items = [(ref, tuple((name, index.get(ref.key)) for name, index in sources.items())) for ref in refs]
@@ -212,11 +202,10 @@ class EvalStage(Stage):
     # ----------------------------------------------------------------- workers
     def setup(self) -> None:
         """Build the predictors of the logits methods once per worker."""
-        from pipeline.predictors import build_predictor
+        from pipeline.predict.predictors import build_predictor
 
         self.device = resolve_device(self.cfg.device)
-        self.protocols = {spec.name: spec.protocol for spec in self.methods}
-        self.predictors = {spec.name: build_predictor(spec.options, self.predict_vocab, self.context.upstream,
+        self.predictors = {spec.name: build_predictor(spec.entry, self.predict_vocab, self.context.upstream,
                                                       self.device)
                            for spec in self.methods if not spec.is_labels}
 
@@ -297,11 +286,11 @@ class EvalStage(Stage):
         """[H, W] int64 eval-vocabulary ids (labels methods: ignore where unlabelled; None when missing)."""
         if spec.is_labels:
             return None if label_png is None else self._map_gt(decode_label_png(label_png))
-        from pipeline.inference import predict
+        from pipeline.predict.engine import predict
 
         predictor = self.predictors[spec.name]
-        pred = predict(image, predictor.logits, self.protocols[spec.name], self.predict_vocab.num_classes,
-                       self.seen_ids, self.device)
+        pred = predict(image, predictor.logits, spec.protocol, self.predict_vocab.num_classes, self.seen_ids,
+                       self.device)
         if self.background_id is None:
             return pred
         return fold_background_words(pred, self.eval_vocab.num_classes, self.background_id)
@@ -331,8 +320,8 @@ class EvalStage(Stage):
         """Merge the shards' matrices, write metrics.json and report/; return `{"metrics": headline numbers}`."""
         import fsspec
 
-        from pipeline.eval_report import gather_samples
         from pipeline.report import metric_table, write_report
+        from stages.evaluate.report_samples import gather_samples
 
         metrics = {spec.name: self._method_metrics(spec, done) for spec in self.methods}
         document = {"schema": SCHEMA, "vocab": self.eval_vocab.name, "vocab_digest": self.eval_vocab.digest(),
@@ -340,7 +329,7 @@ class EvalStage(Stage):
                     "num_images": sum(d.count for d in done),
                     "num_failed": sum(d.failed for d in done), "methods": metrics}
         fs, root = fsspec.core.url_to_fs(self.context.output_url)
-        fs.pipe_file(join(root, "metrics.json"), to_json(document).encode())
+        write_atomic(fs, join(root, "metrics.json"), to_json(document).encode())
         keys = [key for d in done for key in d.extra.get("report_keys", [])][: self.cfg.num_report_samples]
         shards = [join(self.context.output_url, f"{d.shard}.tar") for d in done if d.extra.get("report_keys")]
         samples = gather_samples(self.adapter, self._map_gt, shards, keys)

@@ -1,0 +1,173 @@
+"""Torch-free configs of the trainable methods: what a train node's `ifseg`, `align` and `zegclip` keys become,
+and `MethodConfig`, the part of a train node's config that defines its model.
+
+They live apart from the networks so the driver validates every method knob (`pipeline.config.build_config`:
+`train_ifseg.ifseg.lrr=1` is a ConfigError naming the key) without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.models.configs import ClipConfig, Dinov2Config
+from pipeline.train.configs import Schedule
+
+MethodName = Literal["ifseg", "align", "zegclip"]  # the keys of `pipeline.methods.registry.METHODS`
+
+
+@dataclass
+class IFSegConfig:
+    """Knobs of the IFSeg method. Optimiser defaults are IFSeg's OFA run (§1.4); decoder sizes are our choice.
+
+    Attributes:
+        width, depth, heads, mlp_ratio, dropout, attn_dropout, drop_path, pos_grid, logit_scale: see IFSegDecoder.
+        grid_size: side of the token grid a word grid is upsampled to (IFSeg: 32).
+        label_size: side of the label map the logits are bilinearly upsampled to for CE (IFSeg: 512).
+        lr: AdamW learning rate (IFSeg: 5e-5, for OFA-Base fine-tuning).
+        weight_decay: decoupled weight decay on every trainable parameter (fairseq adam: 0.1).
+        betas, eps: AdamW moments and epsilon.
+        steps: optimiser updates (IFSeg: 2000); warmup_steps: linear warm-up (IFSeg: 0).
+        schedule: learning-rate schedule name for the trainer (IFSeg: "cosine").
+        batch_size: grids per update, global (IFSeg: 16).
+        grad_clip: gradient-norm clip (IFSeg: 1.0).
+        knn_k, knn_iterations, knn_temperature: test-time post-processing (IFSeg: 3, 25, 1.0).
+    """
+
+    width: int = 512
+    depth: int = 6
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    attn_dropout: float = 0.0
+    drop_path: float = 0.1
+    pos_grid: int = 32
+    logit_scale: float = 100.0
+    grid_size: int = 32
+    label_size: int = 512
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    steps: int = 2000
+    warmup_steps: int = 0
+    schedule: Schedule = "cosine"
+    batch_size: int = 16
+    grad_clip: float = 1.0
+    knn_k: int = 3
+    knn_iterations: int = 25
+    knn_temperature: float = 1.0
+
+
+@dataclass
+class AlignConfig:
+    """Knobs of the alignment method. The paper gives SGD + cosine, batch 5 images, 10 epochs; the lr, momentum
+    and weight decay are in its unavailable appendix, so lr 0.01 / momentum 0.9 / wd 1e-4 are our choice.
+
+    Attributes:
+        head, heads, mlp_ratio, dropout: see AlignmentModule.
+        temperature, include_self_positive, count_absent_classes: see tsupcon_loss.
+        ignore_index: unlabeled patch id in `patch_labels`.
+        min_fraction: patch-vote threshold of `patch_labels`.
+        lr, momentum, weight_decay: SGD settings.
+        schedule: learning-rate schedule name for the trainer ("cosine" annealing).
+        epochs: passes over the training images (paper: 10).
+        batch_size: images per update, global (paper: 5).
+    """
+
+    head: Literal["transformer", "mlp", "linear"] = "transformer"
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    temperature: float = 1.0
+    include_self_positive: bool = True
+    count_absent_classes: bool = False
+    ignore_index: int = 255
+    min_fraction: float = 0.5
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: Schedule = "cosine"
+    epochs: int = 10
+    batch_size: int = 5
+
+
+PIXEL_STATS = {  # mean, std in 0..255 units per RGB channel
+    "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "clip": ((122.7709, 116.7460, 104.0937), (68.5005, 66.6322, 70.3232)),
+}
+
+
+@dataclass
+class ZegCLIPConfig:
+    """Every ZegCLIP knob; defaults are the released VOC zero-shot config (methods-spec §4.4).
+
+    `norm_decay_mult` defaults to 1.0 on purpose: the release lists `norm`/`ln` with decay_mult 0, but mmcv
+    applies only the first matching custom key (longest first) and every trainable parameter also matches
+    `backbone` or `head`, so in the release all trainable parameters, norms included, get weight decay 0.01.
+    Set 0.0 for the config's apparent intent.
+    """
+
+    num_prompts: int = 10  # 10 VOC, 100 COCO, 35 Context
+    prompt_layers: list[int] | None = None  # 0-based prompted layers; None = all (paper Table 8 default)
+    prompt_dropout: float = 0.1
+    decoder_layers: int = 3
+    decoder_heads: int = 8
+    decoder_ffn_dim: int = 2048
+    decoder_dropout: float = 0.1
+    focal_weight: float = 100.0
+    dice_weight: float = 1.0
+    st_focal_weight: float | None = None  # focal weight once self-training runs; None = focal_weight (VOC ST: 20)
+    alpha: float = 0.25
+    gamma: float = 2.0
+    ignore_index: int = 255
+    mode: Literal["inductive", "transductive"] = "inductive"
+    seen_penalty: float = 0.1  # subtracted from seen-class sigmoid scores at inductive test time
+    st_seen_penalty: float = 0.0  # the same after transductive training (release: 0)
+    st_start_fraction: float = 0.5
+    lr: float = 2e-5
+    lr_mult: float = 10.0  # prompts and head (release: backbone and head lr_mult 10)
+    weight_decay: float = 0.01
+    norm_decay_mult: float = 1.0
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    poly_power: float = 0.9
+    min_lr: float = 1e-6
+    batch_size: int = 16
+    crop_size: int = 512
+    slide_stride: int = 426
+    pixel_norm: Literal["imagenet", "clip"] = "imagenet"  # "imagenet" (release) | "clip"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("inductive", "transductive"):
+            raise ValueError(f"zegclip.mode must be 'inductive' or 'transductive', got {self.mode!r}")
+        if self.pixel_norm not in PIXEL_STATS:
+            raise ValueError(f"zegclip.pixel_norm must be one of {sorted(PIXEL_STATS)}, got {self.pixel_norm!r}")
+        if not 0.0 <= self.st_start_fraction <= 1.0:
+            raise ValueError(f"zegclip.st_start_fraction must lie in [0, 1], got {self.st_start_fraction}")
+
+
+@dataclass
+class MethodConfig:
+    """What defines a trained model: the method, its knobs, its frozen backbones and how class names become prompts.
+
+    A train node's config extends it (`stages.train.TrainConfig`); `model.pt` stores the node's config, and
+    `pipeline.predict.load_trained` reads these fields back to rebuild the model for any vocabulary.
+
+    Attributes:
+        method: "ifseg" | "align" | "zegclip".
+        name_variant: vocabulary name variant for the prompts (e.g. "ifseg", "maskclip"); None = official names.
+        prompt_templates: `pipeline.models.prompts` template set of the text classifier (e.g. "maskclip85").
+        clip: the CLIP of every method (IFSeg's features and text classifier; ZegCLIP's backbone; align's text).
+        dinov2: the frozen feature extractor of `align`.
+        ifseg, align, zegclip: the knobs of each method (only the chosen method's are used).
+    """
+
+    method: MethodName = "ifseg"
+    name_variant: str | None = None
+    prompt_templates: str = "maskclip85"
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    dinov2: Dinov2Config = field(default_factory=Dinov2Config)
+    ifseg: IFSegConfig = field(default_factory=IFSegConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    zegclip: ZegCLIPConfig = field(default_factory=ZegCLIPConfig)

@@ -1,0 +1,48 @@
+"""Torch-free configs of the trainer, nested by every train node (`<node>.loop`, `<node>.resources`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Schedule = Literal["constant", "cosine", "poly"]  # learning-rate schedules of `pipeline.train.loop.lr_schedule`
+
+
+@dataclass
+class LoopConfig:
+    """Knobs of the step loop (part of every train node's config).
+
+    Attributes:
+        steps: optimiser updates in total.
+        checkpoint_every: steps between checkpoints (the last step is always checkpointed).
+        keep_checkpoints: how many recent checkpoints to keep (older ones are deleted).
+        log_every: steps between log lines (loss, lr, samples/s).
+        grad_clip: max gradient norm (0 = off).
+        precision: "fp32" | "bf16" (autocast; CPU and CUDA) | "fp16" (CUDA autocast + GradScaler).
+    """
+
+    steps: int = 2000
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+@dataclass
+class ScalingKnobs:
+    """Where training runs (never part of the fingerprint).
+
+    Attributes:
+        backend: "ray" (Ray Train TorchTrainer) or "local" (this process).
+        num_workers: Ray Train workers (processes; DDP across them).
+        use_gpu: one GPU per worker.
+        cpus_per_worker: CPUs reserved per worker.
+        max_failures: worker-group restarts Ray Train attempts; each resumes from the last checkpoint.
+    """
+
+    backend: Literal["ray", "local"] = "ray"
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1

@@ -1,0 +1,131 @@
+"""Per-method training recipes: on a training worker, what each method trains, on which batches, with which loss.
+
+A recipe turns `RecipeInputs` (the typed train config, vocabulary, upstream outputs, device) into a
+`pipeline.train.loop.Recipe`: the network built by `pipeline.methods.registry`, its optimiser, the loss closure,
+the batch stream and the learning-rate schedule. Batches of image methods are square crops
+`{"pixels": float [B, 3, S, S] in [0, 1], "labels": int64 [B, S, S]}`; word-grid batches `{"grids": [B x int64
+[U, V]]}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.data.vocab import Vocabulary
+from pipeline.methods.registry import METHODS, BuiltMethod, dinov2_features
+from pipeline.models.preprocess import normalize
+from pipeline.shards import StageOutput
+from pipeline.train.batches import ImageLabelDecoder, batches_from, decode_grid, stack_images
+from pipeline.train.checkpoints import load_trainable_state, read_model
+from pipeline.train.loop import Recipe, lr_schedule
+
+if TYPE_CHECKING:
+    from stages.train.stage import TrainConfig
+
+
+@dataclass
+class RecipeInputs:
+    """What a recipe needs on one training worker.
+
+    Attributes:
+        cfg: the node's typed config.
+        vocab: the training vocabulary.
+        upstream: input port -> upstream output (`grids`, `images`, optional `init`).
+        seed: the run seed (data order and augmentation streams derive from it).
+        device: this worker's device.
+        per_rank_batch: samples per step on this worker (global batch / world size).
+    """
+
+    cfg: TrainConfig
+    vocab: Vocabulary
+    upstream: Mapping[str, StageOutput]
+    seed: int
+    device: torch.device
+    per_rank_batch: int
+
+
+def build(inputs: RecipeInputs) -> BuiltMethod:
+    """The method of `inputs.cfg` for the training vocabulary, initialised from port `init` when given."""
+    built = METHODS[inputs.cfg.method].build(inputs.cfg, inputs.vocab, inputs.device)
+    if "init" in inputs.upstream:  # a previous train node of the same method
+        load_trainable_state(built.model, read_model(inputs.upstream["init"])["trainable"])
+    return built
+
+
+def image_batches(inputs: RecipeInputs) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
+    """Start step -> endless augmented image/label crops of port `images` on the worker's device."""
+    cfg, output = inputs.cfg, inputs.upstream["images"]
+    decoder = ImageLabelDecoder(cfg.image_size, cfg.label_file, inputs.vocab.ignore_index, inputs.seed,
+                                cfg.min_scale, cfg.max_scale)
+    return lambda start: (stack_images(b, inputs.device) for b in batches_from(
+        output, inputs.per_rank_batch, inputs.seed, start, output.num_samples, decoder))
+
+
+def grid_batches(inputs: RecipeInputs) -> Callable[[int], Iterator[dict[str, list[torch.Tensor]]]]:
+    """Start step -> endless word-grid batches of port `grids`."""
+    grids = inputs.upstream["grids"]
+    return lambda start: ({"grids": b} for b in batches_from(
+        grids, inputs.per_rank_batch, inputs.seed, start, grids.num_samples, decode_grid))
+
+
+def ifseg_recipe(inputs: RecipeInputs) -> Recipe:
+    """Word grids (port `grids`, image-free) or real images with pseudo-labels (port `images`, self-training).
+
+    On images the tokens are CLIP's dense MaskCLIP features and the loss is CE of the decoder's logits,
+    bilinearly upsampled to the crop, against the label map (IFSeg Table 4 / IFSeg+).
+    """
+    built = build(inputs)
+    method, clip, cfg = built.method, built.backbone, inputs.cfg
+    lr = lr_schedule(cfg.ifseg.schedule, cfg.loop.steps, cfg.ifseg.warmup_steps)
+    optimizer = method.build_optimizer(built.model)
+    if "grids" in inputs.upstream:
+        return Recipe(built.model, optimizer, lambda m, b, s: method.loss(m, b), grid_batches(inputs), lr)
+
+    def image_loss(m: torch.nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+        features, _ = clip.dense_features(normalize(batch["pixels"], clip.mean, clip.std))
+        logits = F.interpolate(m(features), size=batch["labels"].shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, batch["labels"], ignore_index=inputs.vocab.ignore_index)
+        return loss, {"loss": loss.item()}
+
+    return Recipe(built.model, optimizer, image_loss, image_batches(inputs), lr)
+
+
+def align_recipe(inputs: RecipeInputs) -> Recipe:
+    """TSupCon on frozen DINOv2 patch features with patch labels voted from the pseudo-label maps."""
+    from pipeline.methods.align import patch_labels
+
+    built = build(inputs)
+    method, dinov2, ignore = built.method, built.backbone, inputs.vocab.ignore_index
+
+    def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+        features = dinov2_features(dinov2, batch["pixels"])
+        grid = tuple(features.shape[-2:])
+        labels = torch.stack([patch_labels(label, grid, ignore) for label in batch["labels"]])
+        return method.loss(m, {"features": features, "patch_labels": labels.to(inputs.device)})
+
+    lr = lr_schedule(method.cfg.schedule, inputs.cfg.loop.steps)
+    return Recipe(built.model, method.build_optimizer(built.model), loss, image_batches(inputs), lr)
+
+
+def zegclip_recipe(inputs: RecipeInputs) -> Recipe:
+    """NEL-loss training of prompts, queries and decoder on seen-class ground truth (`label_file: gt.png`)."""
+    built = build(inputs)
+    method, steps = built.method, inputs.cfg.loop.steps
+    base = method.cfg.lr * method.cfg.lr_mult
+
+    def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+        batch = {"pixels": method.normalise(batch["pixels"] * 255.0), "labels": batch["labels"]}
+        value, logs = method.loss(m, batch, step, steps)
+        return value, {k: float(v) for k, v in logs.items()}
+
+    return Recipe(built.model, torch.optim.AdamW(method.param_groups(built.model)), loss, image_batches(inputs),
+                  lambda step: method.learning_rate(step, steps, base) / base)
+
+
+RECIPES: dict[str, Callable[[RecipeInputs], Recipe]] = {
+    "ifseg": ifseg_recipe, "align": align_recipe, "zegclip": zegclip_recipe}

@@ -1,0 +1,131 @@
+"""Trainers that consume the shards, on Ray Train: IFSeg (word grids, or images for self-training), the
+alignment module with TSupCon (Seifi et al. stage 2), and ZegCLIP.
+
+- `ifseg` (methods-spec §1.9): each grid cell becomes the L2-normalised, prompt-ensembled CLIP text embedding of
+  its class; a transformer over the 2-D token map predicts, through the frozen tied text classifier, every cell's
+  class (CE on bilinearly upsampled logits). Port `grids` (wordgrid shards) trains image-free; port `images`
+  (pseudo-label shards) fine-tunes on CLIP's dense MaskCLIP features of real images (IFSeg Table 4 / IFSeg+),
+  starting from port `init` (a previous ifseg node) when given. At test time tokens are CLIP dense features, and
+  K-NN probability propagation (K=3, 25 iterations) is applied for image-free models.
+- `align`: frozen DINOv2 patch features -> one transformer block -> CLIP text space, trained with TSupCon on
+  patch labels voted from the pseudo-label maps (port `images`).
+- `zegclip`: deep prompt tuning of CLIP's image tower, relationship-descriptor queries, cross-attention decoder,
+  NEL loss (port `images`; `label_file: gt.png` for seen-class ground truth); inductive or transductive.
+
+Each method's recipe is in `stages.train.recipes`; the loop, checkpoints and Ray Train in `pipeline.train`.
+Output: `<node>/<fingerprint>/model.pt` ({"method", "trainable", "config"}), `train_log.jsonl`, and
+`checkpoints/` for resuming a killed run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pipeline.config import ConfigError, checked_templates, checked_vocab
+from pipeline.data.vocab import Vocabulary
+from pipeline.methods.configs import MethodConfig
+from pipeline.models.checkpoints import model_weights_identity
+from pipeline.stage import Stage, StageContext
+from pipeline.train.configs import LoopConfig, ScalingKnobs
+
+METHOD_PORTS = {"ifseg": ({"grids"}, {"images"}), "align": ({"images"},), "zegclip": ({"images"},)}
+
+
+@dataclass
+class TrainConfig(MethodConfig):
+    """Knobs of a train node (conf/stage/train.yaml): the model's (`MethodConfig`: method, prompts, `clip`,
+    `dinov2`, and the method knobs under `ifseg`, `align` or `zegclip`) and the trainer's below.
+
+    Attributes:
+        vocab: the training vocabulary (grid ids and label maps are its train ids).
+        batch_size: global samples per step, split evenly across workers.
+        image_size: square training crop of the image methods.
+        label_file: the label member of image samples (`label.png` pseudo-labels or `gt.png` ground truth).
+        min_scale, max_scale: random resize of the short side before cropping.
+        loop: the step loop (steps, checkpoints, logging, precision).
+        resources: where it runs (not part of the fingerprint).
+    """
+
+    vocab: str = "coco_stuff_171"
+    batch_size: int = 16
+    image_size: int = 512
+    label_file: str = "label.png"
+    min_scale: float = 0.75
+    max_scale: float = 1.5
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    resources: ScalingKnobs = field(default_factory=ScalingKnobs)
+
+
+class TrainStage(Stage):
+    """Unsharded stage: `run_unsharded` drives Ray Train (or the local backend) and writes model.pt."""
+
+    kind = "train"
+    code_version = "1"
+    schema = "model/1"
+    sharded = False
+    uses_models = True
+    Config = TrainConfig
+
+    def __init__(self, context: StageContext) -> None:
+        super().__init__(context)
+        cfg, node = self.cfg, context.node
+        ports = set(context.config.get("inputs") or {}) - {"init"}
+        if not any(ports == set(option) for option in METHOD_PORTS[cfg.method]):
+            options = " or ".join(str(sorted(o)) for o in METHOD_PORTS[cfg.method])
+            raise ConfigError(f"{node}.inputs must name port(s) {options} (plus optional 'init') for method "
+                              f"{cfg.method!r}; got {sorted(ports)}")
+        self.vocab: Vocabulary = checked_vocab(cfg.vocab, f"{node}.vocab")
+        checked_templates(cfg.prompt_templates, f"{node}.prompt_templates")
+
+    def identities(self) -> dict[str, str]:
+        clip, dinov2, node = self.cfg.clip, self.cfg.dinov2, self.context.node
+        ids = {"vocab": self.vocab.digest(),
+               "clip": model_weights_identity(clip.pretrained, clip.init_seed, f"{node}.clip.pretrained")}
+        if self.cfg.method == "align":
+            ids["dinov2"] = model_weights_identity(dinov2.weights, dinov2.init_seed, f"{node}.dinov2.weights")
+        return ids
+
+    def run_unsharded(self) -> dict[str, Any]:
+        from pipeline.train.checkpoints import read_log
+        from pipeline.train.fit import fit
+
+        scaling = self.cfg.resources
+        if self.context.executor == "local":
+            scaling = replace(scaling, backend="local")
+        fit(TrainJob(self.context), scaling, name=f"{self.context.node}-{self.context.output_url[-16:]}")
+        rows = read_log(self.context.output_url)
+        return {"num_samples": self.cfg.loop.steps * self.cfg.batch_size, "final_log": rows[-1] if rows else {},
+                "vocab": self.vocab.to_dict(), "model_file": "model.pt"}
+
+    def train_worker(self) -> None:
+        """Runs on every training worker: build the method's recipe, wrap for DDP, loop, and (rank 0) save."""
+        import torch
+
+        from pipeline.train.checkpoints import CheckpointStore, save_log, save_model
+        from pipeline.train.fit import prepare_model, rank_and_world, worker_device
+        from pipeline.train.loop import training_loop
+        from stages.train.recipes import RECIPES, RecipeInputs
+
+        cfg, url = self.cfg, self.context.output_url
+        device = worker_device(cfg.resources.use_gpu)
+        torch.manual_seed(self.context.seed)
+        rank, world = rank_and_world()
+        inputs = RecipeInputs(cfg, self.vocab, self.context.upstream, self.context.seed, device,
+                              per_rank_batch=max(1, cfg.batch_size // world))
+        recipe = RECIPES[cfg.method](inputs)
+        model = prepare_model(recipe.model)
+        rows = training_loop(model, recipe, cfg.loop, CheckpointStore(url), cfg.batch_size)
+        if rank == 0:
+            save_model(url, cfg.method, model, self.context.config)
+            save_log(url, rows)
+
+
+@dataclass
+class TrainJob:
+    """The picklable unit Ray Train runs on each worker."""
+
+    context: StageContext
+
+    def run_worker(self) -> None:
+        TrainStage(self.context).train_worker()
