@@ -24,6 +24,7 @@ from stages.selftrain.policies import (
     policy_all_pixels,
     policy_maskclip_plus,
     policy_zsseg_st,
+    pseudo_label,
     restricted_argmax,
 )
 
@@ -85,6 +86,17 @@ def test_zsseg_st_equals_zsseg_pseudo_evaluator_formula_on_random_scores():
     expected[pseudo.max(0) < 0.3] = 255
     expected[np.isin(gt, seen)] = gt[np.isin(gt, seen)]
     np.testing.assert_array_equal(policy_zsseg_st(probs, gt, seen, unseen, threshold=0.3), expected)
+
+
+@pytest.mark.parametrize("policy, targets, expected", [
+    ("maskclip_plus", [[0, 1, 0], [1, 0, 0]], policy_maskclip_plus(SCORES, GT, SEEN, UNSEEN)),
+    ("zsseg_st", [[0, 1, 1], [1, 0, 1]], policy_zsseg_st(SCORES, GT, SEEN, UNSEEN)),
+    ("all_pixels", [[1, 1, 1], [1, 1, 1]], policy_all_pixels(SCORES)),
+])
+def test_pseudo_label_dispatches_to_the_policy_and_names_its_target_pixels(policy, targets, expected):
+    label, target = pseudo_label(policy, SCORES, GT.astype(np.int64), SEEN, UNSEEN, I, 0.0, np.uint8)
+    assert label.dtype == np.uint8 and target.astype(int).tolist() == targets
+    np.testing.assert_array_equal(label, expected)
 
 
 @pytest.mark.parametrize("split, expected", [
