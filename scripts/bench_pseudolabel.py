@@ -33,19 +33,20 @@ import numpy as np
 import torch
 
 from pipeline.executor import run_shard
-from pipeline.models.sam import AmgConfig, mask_to_rle, rle_to_mask
+from pipeline.models.sam import mask_to_rle, rle_to_mask
+from pipeline.models.sliding import short_side_scale
+from pipeline.sample_files import encode_image, encode_label_png, mask_record
 from pipeline.stage import StageContext
-from stages.pseudolabel import (
+from stages.pseudolabel import PseudoLabelStage
+from stages.pseudolabel.steps import (
     LabelledMask,
-    PseudoLabelStage,
     keep_automatic_mask,
     label_masks_by_dense_features,
     merge,
+    patch_similarity,
     point_prompts,
     present_classes,
 )
-from stages.pseudolabel_models import prepare_canvas
-from stages.pseudolabel_output import encode_image, encode_label_png, mask_record
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -97,7 +98,8 @@ class Timer:
 def bare_models(stage: PseudoLabelStage, images: list[np.ndarray], args: argparse.Namespace) -> Timer:
     """(a): the networks alone on pre-built inputs."""
     clip, sam = stage.clip, stage.sam
-    canvases = [prepare_canvas(clip, image, stage.crop, stage.stride, stage.cfg.image_short_side) for image in images]
+    canvases = [clip.prepare_canvas(image, stage.crop, stage.stride,
+                                    short_side_scale(image.shape[:2], stage.cfg.image_short_side)) for image in images]
     crops = torch.cat([c.pixels[:, :, y0:y1, x0:x1] for c in canvases for x0, y0, x1, y1 in c.boxes])
     sam_inputs = [sam.model.preprocess(torch.as_tensor(sam.transform.apply_image(image), device=sam.device)
                                        .permute(2, 0, 1)[None].float()) for image in images]
@@ -126,7 +128,7 @@ def per_image_loop(stage: PseudoLabelStage, refs: list, out_dir: Path, args: arg
     from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
     predictor = SamPredictor(stage.sam.model)
-    generator = SamAutomaticMaskGenerator(stage.sam.model, output_mode="coco_rle", **vars(AmgConfig(**stage.cfg.amg)))
+    generator = SamAutomaticMaskGenerator(stage.sam.model, output_mode="coco_rle", **vars(stage.cfg.amg))
     out_dir.mkdir(parents=True, exist_ok=True)
     with Timer(args.device) as timer:
         for ref in refs:
@@ -138,11 +140,11 @@ def loop_one(stage: PseudoLabelStage, ref: Any, predictor: Any, generator: Any, 
     """One image of (b), written as separate files."""
     cfg, text = stage.cfg, stage.text.cpu().numpy()
     image = stage.adapter.load(ref).image
-    scale = 1.0 if cfg.image_short_side is None else cfg.image_short_side / min(image.shape[:2])
-    feats = stage.clip.sliding_dense(image, stage.crop, stage.stride, scale)
+    feats = stage.clip.sliding_dense(image, stage.crop, stage.stride, short_side_scale(image.shape[:2],
+                                                                                       cfg.image_short_side))
     features = feats.features.cpu().numpy()
     present = present_classes(feats.crop_cls.cpu().numpy(), text, cfg.min_crops)
-    sim = np.einsum("kd,dhw->khw", text[present], features)
+    sim = patch_similarity(text[present], features)
     predictor.set_image(image)
     stage11 = []
     for class_id, points in zip(present, point_prompts(sim, cfg.top_k, feats.centers(), image.shape[:2])):

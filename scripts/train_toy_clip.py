@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.data.toyworld import CLASS_NAMES, render_scene, split_seed  # noqa: E402
-from pipeline.metrics import ConfusionMatrix, compute_metrics  # noqa: E402
-from pipeline.models.clip import Clip, ClipConfig  # noqa: E402
-from pipeline.models.clip_dense import visual_forward  # noqa: E402
-from pipeline.models.prompts import SINGLE, ZEGCLIP_15  # noqa: E402
+from pipeline.data.toyworld import CLASS_NAMES, render_scene, split_seed
+from pipeline.metrics import ConfusionMatrix, compute_metrics
+from pipeline.models.clip import Clip, ClipConfig
+from pipeline.models.clip_dense import visual_forward
+from pipeline.models.prompts import SINGLE, ZEGCLIP_15
 
 CAPTION_TEMPLATES = ("a photo of {}.", "a scene with {}.", "{}.")
 

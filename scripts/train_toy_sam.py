@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.data.toyworld import render_scene, split_seed  # noqa: E402
-from pipeline.models.sam import Sam, SamConfig  # noqa: E402
+from pipeline.data.toyworld import render_scene, split_seed
+from pipeline.models.sam import Sam, SamConfig
 
 MIN_SEGMENT_PIXELS = 24
 

@@ -1,4 +1,5 @@
-"""open_clip CLIP wrapper: prompt-ensembled text features, CLS embeddings, MaskCLIP dense and sliding features.
+"""open_clip CLIP wrapper: prompt-ensembled text features, CLS embeddings, MaskCLIP dense and sliding features
+(the latter batched across images).
 
 `Clip` composes an open_clip model (``Clip.model``) and never subclasses it. Weights come from
 `pipeline.models.checkpoints`: a local path or fsspec URL is loaded by our strict loader (so a wrong architecture
@@ -33,9 +34,9 @@ from pipeline.models.checkpoints import (
 )
 from pipeline.models.configs import ClipConfig, clip_identity
 from pipeline.models.preprocess import CLIP_MEAN, CLIP_STD, to_normalized_tensor
-from pipeline.models.sliding import SlidingFeatures, patch_centers
+from pipeline.models.sliding import ClipCanvas, SlidingFeatures, patch_centers
 
-__all__ = ["Clip", "ClipConfig", "SlidingFeatures", "patch_centers", "register_open_clip_configs"]
+__all__ = ["Clip", "ClipCanvas", "ClipConfig", "SlidingFeatures", "patch_centers", "register_open_clip_configs"]
 
 OPEN_CLIP_CONFIGS = (Path(__file__).resolve().parent / "configs" / "toy-vit.json",)
 _registered = False
@@ -183,25 +184,18 @@ class Clip:
         image = self.encode_image(crops)
         return 100.0 * image @ F.normalize(text.to(image), dim=-1).T
 
-    @torch.no_grad()
-    def sliding_dense(self, image: np.ndarray, crop: int, stride: int, scale: float = 1.0) -> SlidingFeatures:
-        """High-resolution MaskCLIP features of a whole image from overlapping crops.
+    def prepare_canvas(self, image: np.ndarray, crop: int, stride: int, scale: float = 1.0) -> ClipCanvas:
+        """Resize one image by `scale` (bicubic), normalise it and pad it for `sliding_features` (CPU only).
 
-        The image is resized by `scale` (bicubic), padded bottom/right with the CLIP mean colour (0 after
-        normalisation) to at least one crop and a multiple of the patch, and cut into `crop` x `crop` windows every
-        `stride` pixels (the last window flush with the border). Each crop runs at its own resolution with
-        interpolated position embeddings, so patches of all crops fall on one global grid with cell side
-        ``patch_size`` (in resized pixels); overlapping features are averaged, then renormalised.
+        The padding (bottom/right, the CLIP mean colour, i.e. 0 after normalisation) reaches at least one crop and
+        a multiple of the patch; the crops are `crop` x `crop` windows every `stride` pixels, the last one flush
+        with the border (`sliding.crop_grid`).
 
         Args:
             image: HxWx3 uint8 RGB.
             crop: window side in resized pixels, a multiple of `patch_size`.
             stride: window step in resized pixels, a multiple of `patch_size`.
             scale: resize factor applied first (e.g. 2.0 doubles the feature resolution).
-
-        Returns:
-            `SlidingFeatures`; boxes and strides are in original-image pixels (resized pixels / `scale`, exact up
-            to the rounding of the resized image size).
         """
         sliding.check_geometry(crop, stride, self.patch_size)
         height, width = image.shape[:2]
@@ -210,20 +204,43 @@ class Clip:
         padded = (sliding.padded_extent(size[0], crop, self.patch_size),
                   sliding.padded_extent(size[1], crop, self.patch_size))
         pixels = F.pad(pixels, (0, padded[1] - size[1], 0, padded[0] - size[0]))
-        boxes = sliding.crop_grid(padded, crop, stride)
-        patches, cls = [], []
+        return ClipCanvas(pixels, sliding.crop_grid(padded, crop, stride), size, scale, (height, width))
+
+    @torch.no_grad()
+    def sliding_features(self, canvases: Sequence[ClipCanvas]) -> list[SlidingFeatures]:
+        """High-resolution MaskCLIP features of several images from overlapping crops, crops batched across images.
+
+        The crops of all canvases (in order) go through `dense_features` in chunks of ``cfg.image_batch_size``
+        (crops of one call must share their side). Each crop runs at its own resolution with interpolated position
+        embeddings, so the patches of all crops of an image fall on one global grid with cell side `patch_size`
+        (in resized pixels); overlapping features are averaged, then renormalised (`sliding.assemble`).
+
+        Args:
+            canvases: `prepare_canvas` outputs; how they are grouped does not change any image's features.
+
+        Returns:
+            One `SlidingFeatures` per canvas; boxes and strides are in original-image pixels (resized pixels /
+            scale, exact up to the rounding of the resized image size).
+        """
+        crops = [canvas.pixels[:, :, y0:y1, x0:x1] for canvas in canvases for x0, y0, x1, y1 in canvas.boxes]
         step = self.cfg.image_batch_size
-        for start in range(0, len(boxes), step):
-            batch = torch.cat([pixels[:, :, y0:y1, x0:x1] for x0, y0, x1, y1 in boxes[start:start + step]])
-            patch, crop_cls = self.dense_features(batch)
-            patches.append(patch)
-            cls.append(crop_cls)
-        grid = (-(-size[0] // self.patch_size), -(-size[1] // self.patch_size))
-        features = sliding.assemble(torch.cat(patches), boxes, self.patch_size, grid)
-        return SlidingFeatures(
-            features=features,
-            crop_cls=torch.cat(cls),
-            crop_boxes=(boxes / scale).astype(np.float32),
-            patch_stride_px=self.patch_size / scale,
-            image_hw=(height, width),
-        )
+        outputs = [self.dense_features(torch.cat(crops[start:start + step])) for start in range(0, len(crops), step)]
+        patches = torch.cat([patch for patch, _ in outputs]) if outputs else torch.empty(0)
+        cls = torch.cat([crop_cls for _, crop_cls in outputs]) if outputs else torch.empty(0)
+        results, offset = [], 0
+        for canvas in canvases:
+            count = len(canvas.boxes)
+            grid = (-(-canvas.resized_hw[0] // self.patch_size), -(-canvas.resized_hw[1] // self.patch_size))
+            results.append(SlidingFeatures(
+                features=sliding.assemble(patches[offset:offset + count], canvas.boxes, self.patch_size, grid),
+                crop_cls=cls[offset:offset + count],
+                crop_boxes=(canvas.boxes / canvas.scale).astype(np.float32),
+                patch_stride_px=self.patch_size / canvas.scale,
+                image_hw=canvas.image_hw,
+            ))
+            offset += count
+        return results
+
+    def sliding_dense(self, image: np.ndarray, crop: int, stride: int, scale: float = 1.0) -> SlidingFeatures:
+        """`sliding_features` of one image: see `prepare_canvas` for `crop`, `stride` and `scale`."""
+        return self.sliding_features([self.prepare_canvas(image, crop, stride, scale)])[0]

@@ -24,7 +24,8 @@ class ClipConfig:
         dense_residual_mlp: MaskCLIP value path with residual + MLP (MaskCLIP code, default) or value projection
             only (Seifi et al.'s wording); see `pipeline.models.clip_dense`.
         text_batch_size: prompts per text-encoder call (does not change results).
-        image_batch_size: crops per image-encoder call in `Clip.sliding_dense` (does not change results).
+        image_batch_size: crops per image-encoder call in `Clip.sliding_features`, crops of several images sharing
+            calls (does not change results).
     """
 
     model_name: str = "ViT-B-16"

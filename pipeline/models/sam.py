@@ -1,5 +1,7 @@
 """segment_anything SAM wrapper: batched image embeddings, batched point prompts, automatic masks, COCO RLE.
 
+Automatic masks reuse an embedding computed beforehand (`pipeline.models.sam_masks`).
+
 `Sam` composes segment_anything's ``Sam`` module (``Sam.model``). Real sizes (``vit_h``/``vit_l``/``vit_b``) are
 built by ``sam_model_registry`` without a checkpoint; ``toy`` is a small model of the same architecture from
 ``configs/sam-toy.json`` (256 px input, 64-wide 4-block encoder) for tests and the CPU demo. Weights are then loaded
@@ -13,8 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,10 @@ from pipeline.models.checkpoints import (
     seeded_init,
 )
 from pipeline.models.configs import AmgConfig, SamConfig, sam_identity
+from pipeline.models.precision import autocast
 from pipeline.models.preprocess import check_rgb_uint8
 
 TOY_CONFIG = Path(__file__).resolve().parent / "configs" / "sam-toy.json"
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -128,11 +129,6 @@ class Sam:
         """Square encoder input side in pixels (1024 for real SAM, 256 for ``toy``)."""
         return int(self.model.image_encoder.img_size)
 
-    def _autocast(self) -> AbstractContextManager[Any]:
-        if self.cfg.precision == "fp32":
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.cfg.precision])
-
     @torch.no_grad()
     def embed_images(self, images: Sequence[np.ndarray]) -> SamImageEmbeddings:
         """Run the image encoder on a batch of images (ResizeLongestSide, normalise, pad, encode).
@@ -153,7 +149,7 @@ class Sam:
             inputs.append(self.model.preprocess(resized))
         step = self.cfg.encoder_batch_size
         feats = []
-        with self._autocast():
+        with autocast(self.device, self.cfg.precision):
             for start in range(0, len(inputs), step):
                 feats.append(self.model.image_encoder(torch.cat(inputs[start:start + step])).float())
         return SamImageEmbeddings(torch.cat(feats), input_sizes, original_sizes)
@@ -207,14 +203,34 @@ class Sam:
 
     def _decode(self, image_embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, multimask: bool,
                 input_size: tuple[int, int], original_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        with self._autocast():
+        logits, iou = self.decode_torch(image_embedding, coords, labels, multimask, input_size, original_size)
+        return (logits > self.model.mask_threshold).cpu().numpy(), iou.cpu().numpy()
+
+    @torch.no_grad()
+    def decode_torch(self, image_embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
+                     multimask: bool, input_size: tuple[int, int],
+                     original_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batched torch core of the decoders: B point-prompt sets on one image embedding (SAM's predict_torch).
+
+        Args:
+            image_embedding: [1, C, h, w] one image's embedding, on the model's device.
+            coords: [B, P, 2] (x, y) points already in the encoder's input frame (``transform.apply_coords``).
+            labels: [B, P] 1 foreground, 0 background.
+            multimask: K = 3 multimask outputs (True) or K = 1.
+            input_size: (h, w) after ResizeLongestSide, before padding.
+            original_size: (H, W) of the original image.
+
+        Returns:
+            (mask logits float32 [B, K, H, W] at the original resolution, predicted IoU float32 [B, K]), on the
+            model's device; a mask is ``logits > model.mask_threshold``.
+        """
+        with autocast(self.device, self.cfg.precision):
             sparse, dense = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
             low_res, iou = self.model.mask_decoder(
                 image_embeddings=image_embedding, image_pe=self.model.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
             )
-        masks = self.model.postprocess_masks(low_res.float(), input_size, original_size) > self.model.mask_threshold
-        return masks.cpu().numpy(), iou.float().cpu().numpy()
+        return self.model.postprocess_masks(low_res.float(), input_size, original_size), iou.float()
 
     def predict_points(
         self,
@@ -236,31 +252,25 @@ class Sam:
         """
         return self.decode_points(self.embed_images([image]), 0, prompts, labels, multimask)
 
-    def generate(self, image: np.ndarray, amg: AmgConfig | None = None) -> list[dict[str, Any]]:
-        """SAM's automatic mask generator on one image.
+    def generate(self, image: np.ndarray, amg: AmgConfig | None = None, embeddings: SamImageEmbeddings | None = None,
+                 index: int = 0) -> list[dict[str, Any]]:
+        """SAM's automatic mask generator on one image (`pipeline.models.sam_masks.automatic_masks`).
 
         Args:
             image: HxWx3 uint8 RGB.
             amg: generator knobs (segment_anything defaults when ``None``).
+            embeddings: `embed_images` output holding `image` at `index` (so the encoder does not run again);
+                None = encode `image` here.
+            index: position of `image` in `embeddings`.
 
         Returns:
             segment_anything's records: ``segmentation`` (COCO RLE dict, ``counts`` str, ``size`` [H, W]), ``area``
             (pixels), ``bbox`` (XYWH pixels), ``predicted_iou``, ``point_coords`` ([[x, y]]), ``stability_score``,
-            ``crop_box`` (XYWH).
+            ``crop_box`` (XYWH), by decreasing predicted IoU.
         """
-        from segment_anything import SamAutomaticMaskGenerator
+        from pipeline.models.sam_masks import automatic_masks
 
-        amg = amg or AmgConfig()
-        if amg.min_mask_region_area > 0:
-            try:
-                import cv2  # noqa: F401
-            except ImportError as error:
-                raise ImportError("sam.amg.min_mask_region_area > 0 needs opencv (cv2); set it to 0 or install "
-                                  "opencv-python-headless") from error
-        check_rgb_uint8(image)
-        generator = SamAutomaticMaskGenerator(self.model, output_mode="coco_rle", **asdict(amg))
-        with torch.no_grad(), self._autocast():
-            return generator.generate(image)
+        return automatic_masks(self, image, amg or AmgConfig(), embeddings, index)
 
 
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """Sliding-window geometry for high-resolution dense CLIP features (Seifi et al. §3.1 step 1).
 
+An image is resized, normalised and padded into a `ClipCanvas` (`Clip.prepare_canvas`, CPU work that can run in a
+prefetch thread); the crops of one or many canvases then share CLIP encoder calls (`Clip.sliding_features`), and
+each canvas' patch features are assembled on its own grid (`assemble`) into `SlidingFeatures`.
+
 Coordinates are continuous pixel coordinates: pixel (row r, col c) covers [c, c+1) x [r, r+1), so an image of width
 W spans x in [0, W]. This is the convention of SAM's point prompts and of its automatic mask generator's grids.
 Patch (i, j) of a grid with stride s pixels covers x in [j*s, (j+1)*s), y in [i*s, (i+1)*s); its centre is
@@ -13,6 +17,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+@dataclass
+class ClipCanvas:
+    """One image prepared for sliding-window CLIP features (`Clip.prepare_canvas`).
+
+    Attributes:
+        pixels: float32 [1, 3, Hc, Wc] CLIP-normalised, resized by `scale` (bicubic), padded bottom/right with 0 (the
+            CLIP mean colour) to at least one crop and a multiple of the patch.
+        boxes: int64 [C, 4] XYXY crop boxes on the padded canvas, row-major (`crop_grid`).
+        resized_hw: (H', W') of the resized image before padding, pixels.
+        scale: resize factor from the original image to the canvas.
+        image_hw: (H, W) of the original image, pixels.
+    """
+
+    pixels: torch.Tensor
+    boxes: np.ndarray
+    resized_hw: tuple[int, int]
+    scale: float
+    image_hw: tuple[int, int]
 
 
 @dataclass
@@ -55,6 +79,11 @@ def patch_centers(grid_hw: tuple[int, int], patch_stride_px: float) -> np.ndarra
     xs = (np.arange(grid_hw[1], dtype=np.float64) + 0.5) * patch_stride_px
     grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
     return np.stack([grid_x, grid_y], axis=-1).astype(np.float32)
+
+
+def short_side_scale(image_hw: tuple[int, int], short_side: int | None) -> float:
+    """Resize factor that brings the short side of an (H, W) image to `short_side` pixels (1.0 for None)."""
+    return 1.0 if short_side is None else short_side / min(image_hw)
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:

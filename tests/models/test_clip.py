@@ -169,6 +169,28 @@ def test_sliding_pads_small_images_and_scales(toy_clip: Clip) -> None:
     assert scaled.centers()[0, 1].tolist() == [6.0, 2.0]
 
 
+@torch.no_grad()
+def test_crops_of_several_images_share_encoder_calls_without_changing_features(toy_clip: Clip) -> None:
+    """Batched across images (crop batches straddling images) = each image alone, and = the definition."""
+    from dataclasses import replace
+
+    images = [_random_image(50, 70, seed=4), _random_image(90, 40, seed=5), _random_image(20, 20, seed=6)]
+    small_batches = Clip(toy_clip.model, replace(toy_clip.cfg, image_batch_size=3), toy_clip.identity)
+    canvases = [small_batches.prepare_canvas(image, 64, 32, 48 / min(image.shape[:2])) for image in images]
+    assert [len(c.boxes) for c in canvases] == [2, 3, 1]  # both calls of 3 crops mix images
+    batched = small_batches.sliding_features(canvases)
+    for image, canvas, feats in zip(images, canvases, batched, strict=True):
+        alone = toy_clip.sliding_dense(image, 64, 32, canvas.scale)
+        torch.testing.assert_close(feats.features, alone.features, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(feats.crop_cls, alone.crop_cls, atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(feats.crop_boxes, alone.crop_boxes)
+        assert (feats.patch_stride_px, feats.image_hw) == (alone.patch_stride_px, image.shape[:2])
+        patch, cls = toy_clip.dense_features(torch.cat([canvas.pixels[:, :, y0:y1, x0:x1]
+                                                        for x0, y0, x1, y1 in canvas.boxes]))
+        torch.testing.assert_close(feats.crop_cls, cls, atol=1e-5, rtol=1e-5)
+    assert small_batches.sliding_features([]) == []
+
+
 def test_sliding_geometry_must_align_with_patches(toy_clip: Clip) -> None:
     with pytest.raises(ValueError, match="multiples of the patch size"):
         toy_clip.sliding_dense(_random_image(64, 64), crop=60, stride=32)

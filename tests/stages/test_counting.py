@@ -57,7 +57,7 @@ def context(tmp_path: Path, node: str, name: str, config: dict, upstream: dict |
 
 
 def test_pseudolabel_counts_each_image_once(tmp_path, monkeypatch):
-    from test_pseudolabel_run import TINY
+    from pseudolabel.fixtures import TINY
 
     from stages.pseudolabel import PseudoLabelStage
 

@@ -4,17 +4,17 @@ For each image and a vocabulary of M classes (text features T [M, D], one templa
 
 1. **High-resolution CLIP features.** The image (short side resized to `image_short_side`) is cut into `crop` x
    `crop` windows every `stride` pixels; each window yields MaskCLIP patch features (assembled into one map
-   [D, Hp, Wp] over the image) and its CLS embedding (`pipeline.models.clip`).
+   [D, Hp, Wp] over the image) and its CLS embedding (`pipeline.models.clip.Clip.sliding_features`).
 2. **Class presence** (`present_classes`). Each crop votes for the class whose text feature is most similar to its
    CLS embedding; a class is present when it gets more than `min_crops` votes.
-3. **Stage 1.1** (`point_prompts`). For each present class the `top_k` patches most similar to its text feature
-   give their centres (XY pixels) as point prompts to SAM, passed together; of SAM's 3 multimask outputs the one
-   with the highest predicted IoU is kept and gets the class.
-4. **Stage 1.2.** SAM's automatic masks, kept when area >= `min_mask_area` and predicted IoU >=
-   `min_predicted_iou`, are labelled among the present classes either by the mean dense CLIP feature inside the
-   mask (`label_masks_by_dense_features`, Seifi et al.) or, with ``labeler=crop``, ZSSeg's way
-   (`label_masks_by_crops`: bounding-box crop, outside filled with CLIP's mean colour, square bicubic resize to
-   CLIP's input side, CLIP image encoder).
+3. **Stage 1.1** (`patch_similarity`, `point_prompts`). For each present class the `top_k` patches most similar
+   to its text feature give their centres (XY pixels) as point prompts to SAM, passed together; of SAM's 3
+   multimask outputs the one with the highest predicted IoU is kept and gets the class (`best_of_multimask`).
+4. **Stage 1.2.** SAM's automatic masks (`pipeline.models.sam_masks`), kept when area >= `min_mask_area` and
+   predicted IoU >= `min_predicted_iou` (`keep_automatic_mask`), are labelled among the present classes either by
+   the mean dense CLIP feature inside the mask (`label_masks_by_dense_features`, Seifi et al.) or, with
+   ``labeler=crop``, ZSSeg's way (`label_masks_by_crops`: bounding-box crop, outside filled with CLIP's mean
+   colour, square bicubic resize to CLIP's input side, CLIP image encoder).
 5. **Merge** (`merge`). ``stage11_first``: stage 1.1 labels win where masks overlap and stage 1.2 fills pixels
    1.1 left uncovered (methods-spec §6.2's reading); ``highest_score``: every pixel takes the mask with the highest
    SAM predicted IoU. Inside one producer, overlapping masks also resolve by highest score (first mask on ties).
@@ -25,43 +25,27 @@ input side and `stride` = half of it, `image_short_side` = 448, `min_crops` = 1 
 `min_mask_area` = 100 pixels, `min_predicted_iou` = 0.88 (SAM's own default), and the mask score stored with every
 mask is SAM's predicted IoU for both producers (so ``highest_score`` compares like with like). An image where no
 class is present gets an all-ignore label map. When the input has ground truth, both producers always run, so the
-quality report can compare 1.1, 1.2 and the merge in one run (see `stages.pseudolabel_output`).
+quality report can compare 1.1, 1.2 and the merge in one run (`producers_to_run`, `stages.pseudolabel.quality`).
 """
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-
-from pipeline.config import ConfigError, checked_adapter, checked_templates, checked_vocab
-from pipeline.data.records import ImageRecord, ItemRef
-from pipeline.data.vocab import Vocabulary
-from pipeline.shards import SampleOutput, ShardDone
-from pipeline.stage import ShardPlan, Stage, StageContext, shard_plans
-from stages.pseudolabel_config import (
-    METHOD_KNOBS,
-    SCHEMA,
-    PseudoLabelConfig,
-    check_config,
-    clip_identity,
-    model_config,
-    sam_identity,
-)
-from stages.pseudolabel_models import Loaded, generate_from_embeddings, prepare_canvas, sliding_features
-from stages.pseudolabel_output import SAMPLE_FILES, QualityAccumulator, finalize_quality, mask_records, sample_files
 
 if TYPE_CHECKING:
     import torch
 
     from pipeline.models.clip import Clip
-    from pipeline.models.sam import SamImageEmbeddings
-    from pipeline.models.sliding import SlidingFeatures
 
-POLICIES = ("stage11_first", "highest_score")
+Mode = Literal["stage11", "stage12", "both"]
+Policy = Literal["stage11_first", "highest_score"]
+MODES: tuple[str, ...] = typing.get_args(Mode)
+POLICIES: tuple[str, ...] = typing.get_args(Policy)
 
 
 @dataclass
@@ -99,6 +83,12 @@ def present_classes(crop_cls: np.ndarray, text: np.ndarray, min_crops: int) -> n
     return np.flatnonzero(counts > min_crops).astype(np.int64)
 
 
+def patch_similarity(text: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every patch to each class: text float [K, D] and features float [D, Hp, Wp], both
+    L2-normalised, -> float [K, Hp, Wp]."""
+    return np.einsum("kd,dhw->khw", text, features)
+
+
 def point_prompts(patch_sim: np.ndarray, top_k: int, patch_centers: np.ndarray,
                   image_hw: tuple[int, int] | None = None) -> np.ndarray:
     """SAM point prompts: the centres of the `top_k` patches most similar to each class.
@@ -125,6 +115,24 @@ def point_prompts(patch_sim: np.ndarray, top_k: int, patch_centers: np.ndarray,
         count = min(top_k, sim.shape[1])
     order = np.argsort(-sim, axis=1, kind="stable")[:, :count]
     return centers[order]
+
+
+def best_of_multimask(class_ids: np.ndarray, results: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[LabelledMask]:
+    """Stage 1.1's masks: for each class, SAM's multimask output with the highest predicted IoU (the first on ties).
+
+    Args:
+        class_ids: int [K] train ids of the prompted classes.
+        results: K tuples (masks bool [3, H, W], predicted IoU float [3]) from SAM, one per class's prompt set.
+
+    Returns:
+        One "stage11" mask per class, in class order; a class whose chosen mask is empty gets none.
+    """
+    kept = []
+    for class_id, (masks, scores) in zip(class_ids, results, strict=True):
+        best = int(np.argmax(scores))
+        if masks[best].any():
+            kept.append(LabelledMask(masks[best], int(class_id), float(scores[best]), "stage11"))
+    return kept
 
 
 def mask_cell_weights(masks: np.ndarray, grid_hw: tuple[int, int], patch_stride_px: float) -> np.ndarray:
@@ -229,6 +237,33 @@ def keep_automatic_mask(record: dict[str, Any], min_area: int, min_predicted_iou
     return record["area"] >= min_area and record["predicted_iou"] >= min_predicted_iou
 
 
+def labelled_automatic_masks(records: Sequence[dict[str, Any]], masks: np.ndarray,
+                             class_ids: np.ndarray) -> list[LabelledMask]:
+    """Stage 1.2's masks: each kept automatic mask with its class; its score is SAM's predicted IoU, its RLE SAM's.
+
+    Args:
+        records: SAM automatic-mask records (``segmentation`` COCO RLE, ``predicted_iou``).
+        masks: bool [N, H, W], the records' masks decoded.
+        class_ids: int [N] the class each mask was labelled with.
+    """
+    return [LabelledMask(mask, int(class_id), float(record["predicted_iou"]), "stage12", record["segmentation"])
+            for mask, class_id, record in zip(masks, class_ids, records, strict=True)]
+
+
+def producers_to_run(mode: str, num_present: int, has_ground_truth: bool) -> tuple[bool, bool]:
+    """Whether stage 1.1 and stage 1.2 run on an image: when a class is present and `mode` uses them, and both
+    whenever the image has ground truth (so the quality report compares 1.1, 1.2 and the merge)."""
+    run11 = num_present > 0 and (mode != "stage12" or has_ground_truth)
+    run12 = num_present > 0 and (mode != "stage11" or has_ground_truth)
+    return run11, run12
+
+
+def label_map_masks(mode: str, stage11: list[LabelledMask],
+                    stage12: list[LabelledMask]) -> tuple[list[LabelledMask], list[LabelledMask]]:
+    """The (stage 1.1, stage 1.2) masks that make the label map under `mode` (the other producer's are dropped)."""
+    return {"stage11": (stage11, []), "stage12": ([], stage12), "both": (stage11, stage12)}[mode]
+
+
 def paint(masks: Sequence[LabelledMask], hw: tuple[int, int], ignore_index: int,
           dtype: type[np.unsignedinteger] = np.uint8) -> tuple[np.ndarray, np.ndarray]:
     """Label map of overlapping masks where each pixel takes the highest-scoring mask (the first on ties).
@@ -281,159 +316,3 @@ class PseudoLabels:
     kept: list[LabelledMask]
 
 
-class PseudoLabelStage(Stage):
-    """CLIP + SAM pseudo-labels for every image of `data` (schema "pseudolabel/1", docs/schema.md)."""
-
-    kind = "pseudolabel"
-    code_version = "1"
-    schema = SCHEMA
-    uses_models = True
-    Config = PseudoLabelConfig
-
-    def __init__(self, context: StageContext) -> None:
-        super().__init__(context)
-        node = context.node
-        check_config(self.cfg, node)
-        self.vocab: Vocabulary = checked_vocab(self.cfg.vocab, f"{node}.vocab")
-        self.templates = checked_templates(self.cfg.prompt_templates, f"{node}.prompt_templates")
-        self.adapter = checked_adapter(self.cfg.data, self.vocab, node)
-        self.quality = QualityAccumulator(self.vocab)
-        self.mask_counts = {"stage11": 0, "stage12": 0}
-
-    def identities(self) -> dict[str, str]:
-        return {"vocab": self.vocab.digest(), "clip": clip_identity(self.cfg.clip), "sam": sam_identity(self.cfg.sam)}
-
-    def plan(self) -> list[ShardPlan]:
-        return shard_plans(self.adapter.list_items(), self.cfg.samples_per_shard)
-
-    def item_key(self, item: Any) -> str:
-        return item.record.key if isinstance(item, Loaded) else item.key
-
-    def setup(self) -> None:
-        from pipeline.models.clip import Clip, ClipConfig
-        from pipeline.models.sam import AmgConfig, Sam, SamConfig
-
-        self.clip = Clip.build(ClipConfig(**model_config(self.cfg.clip)))
-        self.sam = Sam.build(SamConfig(**model_config(self.cfg.sam)))
-        self.amg = AmgConfig(**self.cfg.amg)
-        self.crop = self.cfg.crop or self.clip.image_size
-        patch = self.clip.patch_size
-        self.stride = self.cfg.stride or max(patch, self.crop // 2 // patch * patch)
-        if self.crop % patch or self.stride % patch:
-            raise ConfigError(f"{self.context.node}.crop={self.crop} and .stride={self.stride} must be multiples of "
-                              f"CLIP {self.clip.cfg.model_name}'s patch size {patch}")
-        names = self.vocab.prompt_names(self.cfg.name_variant)
-        self.text = self.clip.encode_text(names, self.templates)
-        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.context.node}-encode")
-
-    def load(self, item: ItemRef) -> Loaded:
-        record = self.adapter.load(item)
-        if not record.ok:
-            return Loaded(record)
-        return Loaded(record, prepare_canvas(self.clip, record.image, self.crop, self.stride,
-                                             self.cfg.image_short_side))
-
-    def process_batch(self, loaded: Sequence[Loaded]) -> list[SampleOutput]:
-        """Model calls batched over the good images; file encoding of image i overlaps compute of image i+1."""
-        good = [item for item in loaded if item.record.ok]
-        outputs = {item.record.key: SampleOutput(item.record.key, None, item.record.meta.get("source", ""),
-                                                 error=item.record.error) for item in loaded if not item.record.ok}
-        results: list[tuple[ImageRecord, PseudoLabels]] = []
-        if good:
-            features = sliding_features(self.clip, [item.canvas for item in good])
-            embeddings = self.sam.embed_images([item.record.image for item in good])
-            pending = {}
-            for index, (item, feats) in enumerate(zip(good, features, strict=True)):
-                results.append((item.record, self._pseudo_label(item.record, feats, embeddings, index)))
-                pending[item.record.key] = self.encoder.submit(self._encode, *results[-1])
-            outputs |= {key: future.result() for key, future in pending.items()}
-        return [outputs[item.record.key] for item in loaded]
-
-    def _pseudo_label(self, record: ImageRecord, feats: SlidingFeatures, embeddings: SamImageEmbeddings,
-                      index: int) -> PseudoLabels:
-        cfg, image = self.cfg, record.image
-        text = self.text.cpu().numpy()
-        present = present_classes(feats.crop_cls.cpu().numpy(), text, cfg.min_crops)
-        has_gt = record.label is not None
-        run11 = present.size > 0 and (cfg.mode != "stage12" or has_gt)
-        run12 = present.size > 0 and (cfg.mode != "stage11" or has_gt)
-        stage11 = self._stage11(feats, embeddings, index, text, present) if run11 else []
-        stage12 = self._stage12(image, feats, embeddings, index, text, present) if run12 else []
-        chosen = {"stage11": (stage11, []), "stage12": ([], stage12), "both": (stage11, stage12)}[cfg.mode]
-        label = merge(*chosen, image.shape[:2], cfg.merge_policy, self.vocab.ignore_index, self.vocab.label_dtype)
-        return PseudoLabels(present, stage11, stage12, label, [*chosen[0], *chosen[1]])
-
-    def _encode(self, record: ImageRecord, result: PseudoLabels) -> SampleOutput:
-        cfg = self.cfg
-        gt = record.label if cfg.keep_ground_truth else None
-        files = sample_files(record.image, cfg.image_format, result.label, mask_records(result.kept), gt,
-                             self._provenance(record, result.present, result.kept), cfg.jpeg_quality)
-        return SampleOutput(record.key, files, record.meta.get("source", ""), stats=(record, result))
-
-    def fold(self, outputs: Sequence[SampleOutput]) -> None:
-        for output in outputs:
-            if output.stats is not None:
-                self._account(*output.stats)
-
-    def _account(self, record: ImageRecord, result: PseudoLabels) -> None:
-        for item in result.kept:
-            self.mask_counts[item.producer] += 1
-        if record.label is None:
-            return
-        hw, ignore, dtype = record.label.shape, self.vocab.ignore_index, self.vocab.label_dtype
-        self.quality.update(record.label, {
-            "stage11": paint(result.stage11, hw, ignore, dtype)[0],
-            "stage12": paint(result.stage12, hw, ignore, dtype)[0],
-            "merged": merge(result.stage11, result.stage12, hw, self.cfg.merge_policy, ignore, dtype)})
-
-    def _stage11(self, feats: SlidingFeatures, embeddings: SamImageEmbeddings, index: int, text: np.ndarray,
-                 present: np.ndarray) -> list[LabelledMask]:
-        features = feats.features.cpu().numpy()
-        sim = np.einsum("kd,dhw->khw", text[present], features)
-        prompts = point_prompts(sim, self.cfg.top_k, feats.centers(), feats.image_hw)
-        results = self.sam.decode_points(embeddings, index, list(prompts), multimask=True)
-        kept = []
-        for class_id, (masks, scores) in zip(present, results, strict=True):
-            best = int(np.argmax(scores))
-            if masks[best].any():
-                kept.append(LabelledMask(masks[best], int(class_id), float(scores[best]), "stage11"))
-        return kept
-
-    def _stage12(self, image: np.ndarray, feats: SlidingFeatures, embeddings: SamImageEmbeddings, index: int,
-                 text: np.ndarray, present: np.ndarray) -> list[LabelledMask]:
-        records = [r for r in generate_from_embeddings(self.sam, embeddings, index, image, self.amg)
-                   if keep_automatic_mask(r, max(1, self.cfg.min_mask_area), self.cfg.min_predicted_iou)]
-        if not records:
-            return []
-        from pipeline.models.sam import rle_to_mask
-
-        masks = np.stack([rle_to_mask(r["segmentation"]) for r in records])
-        if self.cfg.labeler == "crop":
-            ids, _ = label_masks_by_crops(image, masks, self.clip, self.text[present], present,
-                                          self.clip.cfg.image_batch_size)
-        else:
-            ids, _ = label_masks_by_dense_features(masks, feats.features.cpu().numpy(), feats.patch_stride_px,
-                                                   text[present], present)
-        return [LabelledMask(m, int(c), float(r["predicted_iou"]), "stage12", r["segmentation"])
-                for m, c, r in zip(masks, ids, records, strict=True)]
-
-    def _provenance(self, record: ImageRecord, present: np.ndarray, kept: list[LabelledMask]) -> dict[str, Any]:
-        cfg = self.cfg
-        return {"schema": SCHEMA, "key": record.key, "source": record.meta.get("source", ""),
-                "dataset": record.meta.get("dataset"), "orig_size": list(record.image.shape[:2]),
-                "notes": record.meta.get("notes", []), "vocab": self.vocab.name, "vocab_digest": self.vocab.digest(),
-                "models": {"clip": self.clip.identity, "sam": self.sam.identity},
-                "config": {**{k: getattr(cfg, k) for k in METHOD_KNOBS}, "crop": self.crop, "stride": self.stride},
-                "present_classes": present.tolist(),
-                "num_masks": {p: sum(m.producer == p for m in kept) for p in ("stage11", "stage12")}}
-
-    def end_shard(self) -> dict[str, Any]:
-        extra = {"quality": self.quality.pop(), "num_masks": self.mask_counts}
-        self.mask_counts = {"stage11": 0, "stage12": 0}
-        return extra
-
-    def finalize(self, done: list[ShardDone]) -> dict[str, Any]:
-        return finalize_quality([d.extra for d in done], self.vocab, self.cfg.merge_policy, self.context.output_url)
-
-    def manifest_extra(self) -> dict[str, Any]:
-        return {"vocab": self.vocab.to_dict(), "sample_files": SAMPLE_FILES}

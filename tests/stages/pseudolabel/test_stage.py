@@ -1,12 +1,16 @@
-"""Pseudolabel stage with tiny random-weight CLIP/SAM: batched plumbing vs the per-image wrappers, sample
-contents, bad images, checkpoints, and the stage end to end on real CamVid images through the runner."""
+"""The pseudolabel stage with tiny random-weight CLIP/SAM: its typed config (typos fail on the driver naming the
+key, on the CLI too), sample contents, modes, bad images, checkpoints, counting, and the stage end to end on real
+CamVid images through the runner."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -14,41 +18,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
+from pipeline.config import ConfigError
 from pipeline.executor import run_batch
-from pipeline.models.clip import Clip
-from pipeline.models.sam import AmgConfig, Sam, rle_to_mask
+from pipeline.models.configs import AmgConfig, ClipConfig, SamConfig
+from pipeline.models.sam import rle_to_mask
 from pipeline.stage import StageContext
-from stages.pseudolabel import LabelledMask, PseudoLabelStage, label_masks_by_crops, mask_crop, merge
-from stages.pseudolabel_models import generate_from_embeddings, prepare_canvas, sliding_features
+from pseudolabel.fixtures import TINY, make_stage
+from stages.pseudolabel import PseudoLabelConfig, PseudoLabelStage
+from stages.pseudolabel.steps import LabelledMask, merge
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-TINY = {"vocab": "toy", "clip": {"model_name": "toy-vit"}, "sam": {"model_type": "toy"}, "crop": 64, "stride": 32,
-        "image_short_side": 64, "min_crops": 0, "min_mask_area": 1, "min_predicted_iou": 0.0,
-        "amg": {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cached_models() -> object:
-    """Build each tiny model once per module: `Clip.build` / `Sam.build` return cached instances per config."""
-    builders = {Clip: Clip.build.__func__, Sam: Sam.build.__func__}
-    cache: dict[tuple, object] = {}
-    patch = pytest.MonkeyPatch()
-    for cls, build in builders.items():
-        def cached(klass: type, cfg: object, build: object = build) -> object:
-            key = (klass.__name__, repr(cfg))
-            if key not in cache:
-                cache[key] = build(klass, cfg)
-            return cache[key]
-        patch.setattr(cls, "build", classmethod(cached))
-    yield cache
-    patch.undo()
+REPO = Path(__file__).resolve().parents[3]
 
 
 def ready_stage(tmp_path: Path, **overrides: object) -> PseudoLabelStage:
-    config = {**TINY, "data": {"kind": "toyworld", "num_images": 3, "size": 64}, **overrides}
-    stage = PseudoLabelStage(StageContext(node="pl", seed=0, config=config, output_url=str(tmp_path)))
+    stage = make_stage(tmp_path, **overrides)
     stage.setup()
     return stage
 
@@ -61,47 +47,82 @@ def _image(height: int, width: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
 
 
-def test_crops_of_several_images_share_encoder_calls_without_changing_features(tmp_path: Path) -> None:
-    stage = ready_stage(tmp_path)
-    clip = stage.clip
-    images = [_image(50, 70, 0), _image(90, 40, 1)]
-    canvases = [prepare_canvas(clip, image, 64, 32, 48) for image in images]
-    for image, feats in zip(images, sliding_features(clip, canvases), strict=True):
-        ref = clip.sliding_dense(image, 64, 32, 48 / min(image.shape[:2]))
-        torch.testing.assert_close(feats.features, ref.features, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(feats.crop_cls, ref.crop_cls, atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(feats.crop_boxes, ref.crop_boxes)
-        assert feats.patch_stride_px == pytest.approx(ref.patch_stride_px)
+# ------------------------------------------------------------------------------------------ the typed config
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"mode": "stage13"}, "pl.mode='stage13'"), ({"labeler": "knn"}, "pl.labeler='knn'"),
+    ({"merge_policy": "union"}, "pl.merge_policy='union'"), ({"image_format": "gif"}, "pl.image_format"),
+    ({"top_k": 0}, "pl.top_k=0"), ({"min_mask_area": -1}, "pl.min_mask_area=-1"), ({"data": {}}, "pl.data.kind"),
+    ({"prompt_templates": "nope"}, "pl.prompt_templates"), ({"vocab": "nope"}, "pl.vocab='nope'"),
+    ({"data": {"kind": "toyworld", "vocab": "camvid_11"}}, "pl.data"), ({"topk": 3}, r"pl: unknown .*'topk'"),
+])
+def test_bad_config_fails_before_compute_naming_the_key(tmp_path: Path, override: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_stage(tmp_path, **override)
 
 
-def test_automatic_masks_from_the_batch_embedding_equal_sams_own_generator(tmp_path: Path) -> None:
-    sam = ready_stage(tmp_path).sam
-    images = [_image(40, 30, 2), _image(36, 52, 3)]
-    amg = AmgConfig(points_per_side=3, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-    ours = generate_from_embeddings(sam, sam.embed_images(images), 1, images[1], amg)
-    reference = sam.generate(images[1], amg)
-    assert len(ours) == len(reference) > 0
-    for a, b in zip(ours, reference, strict=True):
-        assert a["segmentation"] == b["segmentation"]
-        assert a["predicted_iou"] == pytest.approx(b["predicted_iou"], abs=1e-5)  # batched encoder: float noise
+@pytest.mark.parametrize(("section", "typo", "valid"), [
+    ("clip", "modelname", "model_name"), ("sam", "chekpoint", "checkpoint"),
+    ("amg", "points_per_sid", "points_per_side"),
+])
+def test_a_typo_in_a_model_section_names_the_full_key(tmp_path: Path, section: str, typo: str, valid: str) -> None:
+    message = rf"^pl\.{section}: unknown config key\(s\) \['{typo}'\]; valid keys: .*'{valid}'"
+    with pytest.raises(ConfigError, match=message):
+        make_stage(tmp_path, **{section: {**TINY.get(section, {}), typo: 1}})
 
 
-def test_crop_labeller_gives_each_mask_the_class_made_from_its_own_crop(tmp_path: Path) -> None:
-    clip = ready_stage(tmp_path).clip
-    image = _image(48, 64, 4)
-    masks = np.zeros((3, 48, 64), dtype=bool)
-    masks[0, :20, :30], masks[1, 25:, 5:60], masks[2, 10:40, 40:] = True, True, True
-    fill = [round(255 * m) for m in clip.mean]
-    crops = torch.cat([clip.preprocess(mask_crop(image, m, fill), size=clip.image_size) for m in masks])
-    text = clip.encode_image(crops)[[2, 0, 1]]  # class k is mask (2, 0, 1)[k]'s own crop embedding
-    ids, probs = label_masks_by_crops(image, masks, clip, text, np.array([10, 11, 12]), batch_size=2)
-    assert ids.tolist() == [11, 12, 10]
-    assert probs.shape == (3,) and (probs > 1 / 3).all()
+@pytest.mark.parametrize(("section", "values", "message"), [
+    ("clip", {"precision": "fp64"}, r"pl\.clip\.precision='fp64': expected one of \['fp32', 'bf16', 'fp16'\]"),
+    ("sam", {"model_type": "vit_x"}, r"pl\.sam\.model_type='vit_x'"),
+    ("amg", {"points_per_side": "many"}, r"pl\.amg\.points_per_side='many': expected int"),
+])
+def test_a_bad_model_value_names_the_full_key(tmp_path: Path, section: str, values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_stage(tmp_path, **{section: {**TINY.get(section, {}), **values}})
 
+
+def test_model_sections_are_the_model_dataclasses_with_yaml_values_kept(tmp_path: Path) -> None:
+    cfg = make_stage(tmp_path, amg={"points_per_side": 3, "stability_score_offset": 1}).cfg
+    assert isinstance(cfg.clip, ClipConfig) and isinstance(cfg.sam, SamConfig) and isinstance(cfg.amg, AmgConfig)
+    assert cfg.clip == ClipConfig(model_name="toy-vit") and cfg.sam == SamConfig(model_type="toy")
+    assert cfg.amg == AmgConfig(points_per_side=3) and cfg.amg.stability_score_offset == 1  # given values unchanged
+    assert PseudoLabelConfig().sam == SamConfig(model_type="vit_h")  # Seifi et al.'s SAM when nothing is said
+
+
+def test_a_model_key_typo_exits_2_on_the_cli_before_any_work(tmp_path: Path) -> None:
+    """Hydra refuses a new key without `+`; with `+` the key reaches the stage's typed config, which refuses it."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    for override, named in (("+pseudolabel.sam.chekpoint=x", "pseudolabel.sam: unknown config key(s) ['chekpoint']"),
+                            ("pseudolabel.sam.chekpoint=x", "pseudolabel.sam.chekpoint")):
+        process = subprocess.run([sys.executable, "-m", "pipeline.run", "conf=demo", "stages=[pseudolabel]",
+                                  f"output_root={out}", override], cwd=REPO, env=env, capture_output=True, text=True,
+                                 timeout=120)
+        assert process.returncode == 2, process.stderr
+        assert named in process.stderr
+    assert not out.exists()
+
+
+def test_missing_checkpoint_fails_in_identities_naming_the_key(tmp_path: Path) -> None:
+    stage = make_stage(tmp_path, sam={"model_type": "toy", "checkpoint": str(tmp_path / "missing.pth")})
+    with pytest.raises(ConfigError, match=r"^pl\.sam\.checkpoint: .*missing.pth does not exist"):
+        stage.identities()
+
+
+def test_stage_yaml_mirrors_the_config_fields() -> None:
+    values = yaml.safe_load((REPO / "conf" / "stage" / "pseudolabel.yaml").read_text())
+    fields = {f.name for f in dataclasses.fields(PseudoLabelConfig)}
+    assert set(values) - {"stage", "inputs"} == fields
+    defaults = PseudoLabelConfig()
+    for name in fields - {"vocab", "resources"}:
+        default = getattr(defaults, name)
+        expected = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+        assert values[name] == pytest.approx(expected), name  # every model knob listed, defaults unchanged
+
+
+# ------------------------------------------------------------------------------------------ the stage
 
 def test_crop_off_the_patch_grid_fails_at_setup_naming_the_keys(tmp_path: Path) -> None:
-    from pipeline.config import ConfigError
-
     with pytest.raises(ConfigError, match="pl.crop=60 and .stride=32 must be multiples"):
         ready_stage(tmp_path, crop=60)
 

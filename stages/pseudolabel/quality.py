@@ -1,4 +1,4 @@
-"""Sample files of schema "pseudolabel/1" and the label-quality bookkeeping of the pseudolabel stage.
+"""Label quality of the pseudolabel stage against ground truth, and its masks per producer.
 
 Quality (when the input has ground truth): for each of the label maps "stage11" (stage 1.1 alone), "stage12"
 (stage 1.2 alone) and "merged", one confusion matrix with M + 1 prediction columns accumulates over the dataset;
@@ -21,40 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.metrics import ConfusionMatrix, compute_metrics, sum_matrices
-from pipeline.sample_files import encode_image, encode_label_png, mask_record
+from pipeline.metrics import ConfusionMatrix, compute_metrics, sum_matrices, to_json
+from stages.pseudolabel.steps import LabelledMask, merge, paint
 
 if TYPE_CHECKING:
     from pipeline.data.vocab import Vocabulary
 
 UNLABELLED = "<unlabelled>"
 QUALITY_FILE = "pseudolabel_quality.json"
-SAMPLE_FILES = {
-    "jpg|png": "the RGB image (absent with image_format=none; json.source then references it)",
-    "label.png": "uint8 train ids, 255 = unlabelled (uint16 / 65535 above 255 classes)",
-    "masks.json": "list of {segmentation (COCO RLE), category_id, score, producer, area, bbox XYWH}",
-    "gt.png": "ground-truth train ids in the same convention (when the input has GT and keep_ground_truth)",
-    "json": "provenance: schema, key, source, orig_size, vocab, vocab_digest, models, config, present_classes",
-}
-
-
-def mask_records(masks: Iterable[Any]) -> list[dict[str, Any]]:
-    """masks.json entries of `stages.pseudolabel.LabelledMask` items (RLE-encoded here unless already known)."""
-    from pipeline.models.sam import mask_to_rle
-
-    return [mask_record(m.rle or mask_to_rle(m.mask), m.category_id, m.score, m.producer) for m in masks]
-
-
-def sample_files(image: np.ndarray | None, image_format: str, label: np.ndarray, masks: Sequence[dict[str, Any]],
-                 gt: np.ndarray | None, provenance: Mapping[str, Any], jpeg_quality: int = 95) -> dict[str, bytes]:
-    """The files of one "pseudolabel/1" sample (see docs/schema.md): image, label.png, masks.json, gt.png, json."""
-    files = {"label.png": encode_label_png(label), "masks.json": json.dumps(list(masks)).encode(),
-             "json": json.dumps(provenance, sort_keys=True).encode()}
-    if image is not None and image_format != "none":
-        files[image_format] = encode_image(image, image_format, jpeg_quality)
-    if gt is not None:
-        files["gt.png"] = encode_label_png(gt)
-    return files
+PRODUCERS = ("stage11", "stage12")
 
 
 class QualityAccumulator:
@@ -63,7 +38,16 @@ class QualityAccumulator:
     def __init__(self, vocab: Vocabulary) -> None:
         self.num_classes = vocab.num_classes
         self.ignore_index = vocab.ignore_index
+        self.label_dtype = vocab.label_dtype
         self.matrices: dict[str, ConfusionMatrix] = {}
+
+    def add(self, gt: np.ndarray, stage11: Sequence[LabelledMask], stage12: Sequence[LabelledMask],
+            merge_policy: str) -> None:
+        """Add one image's three maps: stage 1.1 alone, stage 1.2 alone and their merge under `merge_policy`."""
+        hw, ignore, dtype = gt.shape, self.ignore_index, self.label_dtype
+        self.update(gt, {"stage11": paint(stage11, hw, ignore, dtype)[0],
+                         "stage12": paint(stage12, hw, ignore, dtype)[0],
+                         "merged": merge(stage11, stage12, hw, merge_policy, ignore, dtype)})
 
     def update(self, gt: np.ndarray, maps: Mapping[str, np.ndarray]) -> None:
         """Add one image: `gt` [H, W] train ids (ignore_index = ignored), `maps` name -> [H, W] pseudo-labels."""
@@ -114,21 +98,20 @@ def summarize_quality(matrices: Mapping[str, ConfusionMatrix], names: Sequence[s
 
 def finalize_quality(extras: Sequence[Mapping[str, Any]], vocab: Vocabulary, merge_policy: str,
                      output_url: str) -> dict[str, Any]:
-    """Driver side: sum the shards' done-marker extras; write `QUALITY_FILE` when there was ground truth.
+    """Driver side: sum the shards' done-marker extras; write `QUALITY_FILE` (atomically) when there was ground truth.
 
     Returns:
         Manifest fields: ``num_masks`` per producer and, with ground truth, ``quality`` (`summarize_quality`).
     """
     import fsspec
 
-    from pipeline.metrics import to_json
-    from pipeline.shards import join
+    from pipeline.shards import join, write_atomic
 
-    num_masks = {p: sum(e.get("num_masks", {}).get(p, 0) for e in extras) for p in ("stage11", "stage12")}
+    num_masks = {p: sum(e.get("num_masks", {}).get(p, 0) for e in extras) for p in PRODUCERS}
     matrices = merge_quality(e.get("quality") or {} for e in extras)
     if not matrices:
         return {"num_masks": num_masks}
     quality = {"vocab": vocab.name, "merge_policy": merge_policy, **summarize_quality(matrices, vocab.names)}
     fs, path = fsspec.core.url_to_fs(output_url)
-    fs.pipe_file(join(path, QUALITY_FILE), to_json(quality).encode())
+    write_atomic(fs, join(path, QUALITY_FILE), to_json(quality).encode())
     return {"num_masks": num_masks, "quality": json.loads(to_json(quality, indent=None))}

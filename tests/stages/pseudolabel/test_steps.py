@@ -1,47 +1,34 @@
-"""Pseudolabel stage: each step on hand-made inputs, the model plumbing against the per-image wrappers, bad
-images, checkpoints, and the stage end to end on real CamVid images with tiny random-weight models."""
+"""The method's steps (`stages.pseudolabel.steps`) on hand-made inputs, against the definitions in its docstring."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline.config import ConfigError
 from pipeline.models.sliding import patch_centers
 from pipeline.sample_files import mask_record
-from pipeline.stage import StageContext
-from stages.pseudolabel import (
+from stages.pseudolabel.steps import (
+    MODES,
     LabelledMask,
-    PseudoLabelStage,
+    best_of_multimask,
+    keep_automatic_mask,
+    label_map_masks,
+    label_masks_by_crops,
     label_masks_by_dense_features,
+    labelled_automatic_masks,
     mask_cell_weights,
     mask_crop,
     merge,
     paint,
+    patch_similarity,
     point_prompts,
     present_classes,
+    producers_to_run,
 )
-from stages.pseudolabel_config import AMG_KEYS, CLIP_KEYS, SAM_KEYS
-from stages.pseudolabel_output import QualityAccumulator, merge_quality, summarize_quality
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-TINY = {"vocab": "toy", "clip": {"model_name": "toy-vit"}, "sam": {"model_type": "toy"}, "crop": 64, "stride": 32,
-        "image_short_side": 64, "min_crops": 0, "min_mask_area": 1, "min_predicted_iou": 0.0,
-        "amg": {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}
-
-
-def make_stage(tmp_path: Path, **overrides: object) -> PseudoLabelStage:
-    config = {**TINY, "data": {"kind": "toyworld", "num_images": 2, "size": 64}, **overrides}
-    return PseudoLabelStage(StageContext(node="pl", seed=0, config=config, output_url=str(tmp_path)))
-
-
-# ------------------------------------------------------------------------------------------ the method's steps
 
 def test_present_classes_counts_crop_votes_strictly_above_threshold() -> None:
     text = np.eye(3, dtype=np.float32)
@@ -120,6 +107,61 @@ def test_merge_policies() -> None:
         merge(s11, s12, (4, 4), "union")
 
 
+def test_patch_similarity_is_the_cosine_of_each_patch_to_each_class() -> None:
+    features = np.zeros((2, 1, 3), dtype=np.float32)
+    features[:, 0, 0], features[:, 0, 1], features[:, 0, 2] = [1, 0], [0, 1], [0.6, 0.8]
+    sim = patch_similarity(np.array([[1, 0], [0, 1]], dtype=np.float32), features)
+    np.testing.assert_allclose(sim, [[[1, 0, 0.6]], [[0, 1, 0.8]]], rtol=1e-6)
+
+
+def test_stage11_keeps_the_best_scored_multimask_output_per_class() -> None:
+    masks = np.zeros((3, 2, 2), dtype=bool)
+    masks[1, 0, 0] = masks[2] = True
+    empty = np.zeros((3, 2, 2), dtype=bool)
+    kept = best_of_multimask(np.array([4, 9, 6]), [(masks, np.array([0.1, 0.9, 0.9], np.float32)),
+                                                   (empty, np.array([0.5, 0.2, 0.1], np.float32)),
+                                                   (masks, np.array([0.3, 0.2, 0.8], np.float32))])
+    assert [(m.category_id, m.producer, round(m.score, 6)) for m in kept] == [(4, "stage11", 0.9), (6, "stage11", 0.8)]
+    np.testing.assert_array_equal(kept[0].mask, masks[1])  # a tie goes to the first output; empty masks drop out
+    np.testing.assert_array_equal(kept[1].mask, masks[2])
+
+
+def test_crop_labeller_gives_each_mask_the_class_made_from_its_own_crop() -> None:
+    import torch
+
+    from pipeline.models.clip import Clip, ClipConfig
+
+    clip = Clip.build(ClipConfig(model_name="toy-vit"))
+    image = np.random.default_rng(4).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    masks = np.zeros((3, 48, 64), dtype=bool)
+    masks[0, :20, :30], masks[1, 25:, 5:60], masks[2, 10:40, 40:] = True, True, True
+    fill = [round(255 * m) for m in clip.mean]
+    crops = torch.cat([clip.preprocess(mask_crop(image, m, fill), size=clip.image_size) for m in masks])
+    text = clip.encode_image(crops)[[2, 0, 1]]  # class k is mask (2, 0, 1)[k]'s own crop embedding
+    ids, probs = label_masks_by_crops(image, masks, clip, text, np.array([10, 11, 12]), batch_size=2)
+    assert ids.tolist() == [11, 12, 10]
+    assert probs.shape == (3,) and (probs > 1 / 3).all()
+
+
+def test_automatic_masks_are_filtered_then_labelled_with_sams_score_and_rle() -> None:
+    records = [{"area": 100, "predicted_iou": 0.88, "segmentation": {"size": [2, 2], "counts": "04"}},
+               {"area": 99, "predicted_iou": 0.99}, {"area": 500, "predicted_iou": 0.87}]
+    assert [keep_automatic_mask(r, 100, 0.88) for r in records] == [True, False, False]
+    masks = np.ones((1, 2, 2), dtype=bool)
+    (item,) = labelled_automatic_masks(records[:1], masks, np.array([3]))
+    assert (item.category_id, item.score, item.producer, item.rle) == (3, 0.88, "stage12", records[0]["segmentation"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ground_truth_runs_both_producers_but_the_mode_makes_the_label_map(mode: str) -> None:
+    assert producers_to_run(mode, 2, has_ground_truth=True) == (True, True)
+    assert producers_to_run(mode, 2, has_ground_truth=False) == (mode != "stage12", mode != "stage11")
+    assert producers_to_run(mode, 0, has_ground_truth=True) == (False, False)
+    s11, s12 = [LabelledMask(np.ones((1, 1), bool), 1, 0.5, "stage11")], [LabelledMask(np.ones((1, 1), bool), 2, 0.5,
+                                                                                       "stage12")]
+    assert label_map_masks(mode, s11, s12) == (s11 if mode != "stage12" else [], s12 if mode != "stage11" else [])
+
+
 def test_mask_record_round_trips_through_pycocotools() -> None:
     from pipeline.models.sam import mask_to_rle
 
@@ -133,72 +175,3 @@ def test_mask_record_round_trips_through_pycocotools() -> None:
     np.testing.assert_array_equal(mask_utils.decode(rle).astype(bool), mask)
     assert text | {"segmentation": None} == {"segmentation": None, "category_id": 3, "score": 0.25,
                                               "producer": "stage11", "area": 11, "bbox": [2, 1, 4, 3]}
-
-
-def test_quality_reports_coverage_and_both_mious() -> None:
-    from pipeline.data.vocab import load_vocab
-
-    vocab = load_vocab("toy")
-    quality = QualityAccumulator(vocab)
-    gt = np.array([[0, 0, 255], [1, 1, 1]], dtype=np.uint8)
-    pred = np.array([[0, 255, 5], [1, 0, 1]], dtype=np.uint8)
-    quality.update(gt[:, :2], {"merged": pred[:, :2]})
-    quality.update(gt[:, 2:], {"merged": pred[:, 2:]})
-    summary = summarize_quality(merge_quality([quality.pop()]), vocab.names)["merged"]
-    # labelled only: IoU0 = 1 / (1 + 2 - 1), IoU1 = 2 / (3 + 2 - 2); unlabelled as wrong: IoU0 = 1 / (2 + 2 - 1)
-    assert summary["coverage"] == pytest.approx(100 * 4 / 5)
-    assert summary["mIoU_labelled"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
-    assert summary["mIoU_unlabelled_as_wrong"] == pytest.approx(100 * (1 / 3 + 2 / 3) / 2)
-    assert summary["num_valid_pixels"] == 5 and quality.pop() == {}
-
-
-# ------------------------------------------------------------------------------------------ config checks
-
-def test_model_key_lists_match_the_model_dataclasses() -> None:
-    from pipeline.models.clip import ClipConfig
-    from pipeline.models.sam import AmgConfig, SamConfig
-
-    for keys, cls in ((CLIP_KEYS, ClipConfig), (SAM_KEYS, SamConfig), (AMG_KEYS, AmgConfig)):
-        assert keys == {f.name for f in dataclasses.fields(cls)}
-
-
-@pytest.mark.parametrize(("override", "message"), [
-    ({"mode": "stage13"}, "pl.mode"), ({"clip": {"modelname": "x"}}, "pl.clip has unknown"),
-    ({"labeler": "knn"}, "pl.labeler"), ({"top_k": 0}, "pl.top_k"), ({"data": {}}, "pl.data.kind"),
-    ({"prompt_templates": "nope"}, "pl.prompt_templates"),
-    ({"data": {"kind": "toyworld", "vocab": "camvid_11"}}, "pl.data"),
-])
-def test_bad_config_fails_before_compute_naming_the_key(tmp_path: Path, override: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        make_stage(tmp_path, **override)
-
-
-def test_vocabulary_mismatch_between_stage_and_data_is_refused(tmp_path: Path, shared_data: Path) -> None:
-    with pytest.raises(ConfigError, match="differs from pl.vocab"):
-        make_stage(tmp_path, data={"kind": "camvid", "root": str(shared_data / "camvid"), "vocab": "camvid_11"})
-
-
-def test_missing_checkpoint_fails_in_identities_naming_the_key(tmp_path: Path) -> None:
-    stage = make_stage(tmp_path, sam={"model_type": "toy", "checkpoint": str(tmp_path / "missing.pth")})
-    with pytest.raises(ConfigError, match="sam.checkpoint"):
-        stage.identities()
-
-
-def test_stage_yaml_mirrors_the_config_fields() -> None:
-    import yaml
-
-    from stages.pseudolabel_config import PseudoLabelConfig
-
-    path = Path(__file__).resolve().parents[2] / "conf" / "stage" / "pseudolabel.yaml"
-    values = yaml.safe_load(path.read_text())
-    fields = {f.name: f for f in dataclasses.fields(PseudoLabelConfig)}
-    assert set(values) - {"stage", "inputs"} == set(fields)
-    defaults = PseudoLabelConfig()
-    for name in set(fields) - {"vocab", "resources", "clip", "sam", "amg"}:
-        assert values[name] == getattr(defaults, name), name
-    from pipeline.models.clip import ClipConfig
-    from pipeline.models.sam import AmgConfig, SamConfig
-
-    for name, cls in (("clip", ClipConfig), ("sam", SamConfig), ("amg", AmgConfig)):
-        model_defaults = {**dataclasses.asdict(cls()), **getattr(defaults, name)}
-        assert values[name] == pytest.approx(model_defaults), name  # every model knob listed, defaults unchanged
