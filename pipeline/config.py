@@ -42,7 +42,9 @@ def build_config(config_cls: type, values: Mapping[str, Any] | None, key: str) -
     known = {f.name for f in dataclasses.fields(config_cls) if f.init}
     unknown = sorted(set(values) - known - {"stage", "inputs"})
     if unknown:
-        raise ConfigError(f"{key}: unknown config key(s) {unknown}; valid keys: {sorted(known)}")
+        names = ", ".join(f"{key}.{name}" for name in unknown)
+        raise ConfigError(f"{names}: unknown config key{'s' if len(unknown) > 1 else ''}; valid keys of {key}: "
+                          f"{sorted(known)}")
     kwargs = {}
     for name, value in values.items():
         if name not in known:

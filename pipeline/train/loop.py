@@ -17,6 +17,7 @@ from typing import Any, get_args
 import torch
 from tqdm import tqdm
 
+from pipeline.models.precision import autocast
 from pipeline.train.checkpoints import CheckpointStore, load_trainable_state, trainable_state
 from pipeline.train.configs import LoopConfig, Schedule
 from pipeline.train.fit import rank_and_world
@@ -64,8 +65,7 @@ def training_loop(model: torch.nn.Module, recipe: Recipe, cfg: LoopConfig, store
         group.setdefault("initial_lr", group["lr"])
     start = _resume(model, optimizer, store)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and torch.cuda.is_available())
-    device_type = next(model.parameters()).device.type
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    device = next(model.parameters()).device
     rows: list[dict[str, float]] = []
     stream = recipe.batches(start)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=rank != 0, mininterval=1.0)
@@ -74,7 +74,7 @@ def training_loop(model: torch.nn.Module, recipe: Recipe, cfg: LoopConfig, store
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * recipe.lr_factor(step)
-        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with autocast(device, cfg.precision):
             loss, logs = recipe.loss(model, next(stream), step)
         _update(loss, optimizer, scaler, cfg.grad_clip)
         bar.update(1)

@@ -307,11 +307,11 @@ def test_report_and_metrics_files(tmp_path, oracle_kind):
 
 @pytest.mark.parametrize("change, match", [
     ({"methods": [{"name": "m", "kind": "maskclip", "colour": 1}]},
-     r"evaluate\.methods\[0\]: unknown config key\(s\) \['colour'\]"),
+     r"evaluate\.methods\[0\]\.colour: unknown config key;"),
     ({"methods": [{"name": "m", "kind": "trained", "input": "x", "knnn": True}]},
-     r"evaluate\.methods\[0\]: unknown config key\(s\) \['knnn'\]"),
+     r"evaluate\.methods\[0\]\.knnn: unknown config key;"),
     ({"methods": [{"name": "m", "kind": "maskclip", "clip": {"pretraind": "x"}}]},
-     r"evaluate\.methods\[0\]\.clip: unknown config key\(s\) \['pretraind'\]"),
+     r"evaluate\.methods\[0\]\.clip\.pretraind: unknown config key;"),
     ({"methods": [{"name": "m", "kind": "maskclip", "templates": "nope"}]}, r"evaluate\.methods\[0\]\.templates"),
     ({"methods": [{"name": "m", "kind": "maskclip", "logit_scale": "big"}]},
      r"evaluate\.methods\[0\]\.logit_scale='big': expected float"),

@@ -64,10 +64,10 @@ def test_wrong_ports_for_method_fail_before_work(tmp_path):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("+train_ifseg.ifseg.lrr=1", r"train_ifseg\.ifseg: unknown config key\(s\) \['lrr'\]"),
-    ("+train_ifseg.clip.pretraind=x", r"train_ifseg\.clip: unknown config key\(s\) \['pretraind'\]"),
-    ("+train_ifseg.dinov2.weigths=x", r"train_ifseg\.dinov2: unknown config key\(s\) \['weigths'\]"),
-    ("+train_ifseg.loop.step=3", r"train_ifseg\.loop: unknown config key\(s\) \['step'\]"),
+    ("+train_ifseg.ifseg.lrr=1", r"train_ifseg\.ifseg\.lrr: unknown config key;"),
+    ("+train_ifseg.clip.pretraind=x", r"train_ifseg\.clip\.pretraind: unknown config key;"),
+    ("+train_ifseg.dinov2.weigths=x", r"train_ifseg\.dinov2\.weigths: unknown config key;"),
+    ("+train_ifseg.loop.step=3", r"train_ifseg\.loop\.step: unknown config key;"),
     ("train_ifseg.ifseg.width=wide", r"train_ifseg\.ifseg\.width='wide': expected int"),
     ("train_ifseg.method=segformer", r"train_ifseg\.method='segformer': expected one of \['ifseg', 'align', "),
     ("+train_ifseg.zegclip.mode=semi", r"train_ifseg\.zegclip\.mode='semi': expected one of"),
@@ -85,7 +85,7 @@ def test_a_method_knob_typo_exits_2_from_the_cli_before_any_output(tmp_path):
            "+train_ifseg.ifseg.lrr=1"]
     result = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "train_ifseg.ifseg: unknown config key(s) ['lrr']" in result.stderr
+    assert "train_ifseg.ifseg.lrr: unknown config key" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 

@@ -54,7 +54,7 @@ def _image(height: int, width: int, seed: int) -> np.ndarray:
     ({"merge_policy": "union"}, "pl.merge_policy='union'"), ({"image_format": "gif"}, "pl.image_format"),
     ({"top_k": 0}, "pl.top_k=0"), ({"min_mask_area": -1}, "pl.min_mask_area=-1"), ({"data": {}}, "pl.data.kind"),
     ({"prompt_templates": "nope"}, "pl.prompt_templates"), ({"vocab": "nope"}, "pl.vocab='nope'"),
-    ({"data": {"kind": "toyworld", "vocab": "camvid_11"}}, "pl.data"), ({"topk": 3}, r"pl: unknown .*'topk'"),
+    ({"data": {"kind": "toyworld", "vocab": "camvid_11"}}, "pl.data"), ({"topk": 3}, r"pl\.topk: unknown config key; .*'top_k'"),
 ])
 def test_bad_config_fails_before_compute_naming_the_key(tmp_path: Path, override: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -66,7 +66,7 @@ def test_bad_config_fails_before_compute_naming_the_key(tmp_path: Path, override
     ("amg", "points_per_sid", "points_per_side"),
 ])
 def test_a_typo_in_a_model_section_names_the_full_key(tmp_path: Path, section: str, typo: str, valid: str) -> None:
-    message = rf"^pl\.{section}: unknown config key\(s\) \['{typo}'\]; valid keys: .*'{valid}'"
+    message = rf"^pl\.{section}\.{typo}: unknown config key; valid keys of pl\.{section}: .*'{valid}'"
     with pytest.raises(ConfigError, match=message):
         make_stage(tmp_path, **{section: {**TINY.get(section, {}), typo: 1}})
 
@@ -93,7 +93,7 @@ def test_a_model_key_typo_exits_2_on_the_cli_before_any_work(tmp_path: Path) -> 
     """Hydra refuses a new key without `+`; with `+` the key reaches the stage's typed config, which refuses it."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    for override, named in (("+pseudolabel.sam.chekpoint=x", "pseudolabel.sam: unknown config key(s) ['chekpoint']"),
+    for override, named in (("+pseudolabel.sam.chekpoint=x", "pseudolabel.sam.chekpoint: unknown config key"),
                             ("pseudolabel.sam.chekpoint=x", "pseudolabel.sam.chekpoint")):
         process = subprocess.run([sys.executable, "-m", "pipeline.run", "conf=demo", "stages=[pseudolabel]",
                                   f"output_root={out}", override], cwd=REPO, env=env, capture_output=True, text=True,
