@@ -30,6 +30,7 @@ from pipeline.models.checkpoints import (
 )
 from pipeline.models.configs import AmgConfig, SamConfig, sam_identity
 from pipeline.models.preprocess import check_rgb_uint8
+from pipeline.sample_files import mask_to_rle, rle_to_mask  # noqa: F401 - their home is sample_files; kept importable here
 
 TOY_CONFIG = Path(__file__).resolve().parent / "configs" / "sam-toy.json"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -261,26 +262,3 @@ class Sam:
         generator = SamAutomaticMaskGenerator(self.model, output_mode="coco_rle", **asdict(amg))
         with torch.no_grad(), self._autocast():
             return generator.generate(image)
-
-
-def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO RLE of a bool [H, W] mask: ``{"size": [H, W], "counts": str}`` (pycocotools, column-major)."""
-    from pycocotools import mask as mask_utils
-
-    if mask.ndim != 2:
-        raise ValueError(f"expected a 2-D mask, got shape {mask.shape}")
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
-
-
-def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
-    """Inverse of `mask_to_rle`: COCO RLE (``counts`` str, bytes or an uncompressed list) -> bool [H, W]."""
-    from pycocotools import mask as mask_utils
-
-    height, width = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, list):  # uncompressed RLE
-        compressed = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
-    else:
-        compressed = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return mask_utils.decode(compressed).astype(bool)
