@@ -23,7 +23,7 @@ import numpy as np
 from pipeline.sample_files import decode_member
 from pipeline.shards import StageOutput, join, open_stage
 
-_PATH = re.compile(r"'[^']*'|\"[^\"]*\"|(?:[A-Za-z][\w+.-]*://)?\S*/\S*")
+_PATH = re.compile(r"'[^']*'|\"[^\"]*\"|(?<!\S)(?:[A-Za-z][\w+.-]*://|~|\.{0,2}/)\S*")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 

@@ -104,7 +104,7 @@ class ExportFormat:
         found = source_image(sample)
         if found is None:
             raise ValueError(f"no image: the shard stores none and json.source "
-                             f"{sample.provenance.get('source')!r} is not a readable JPEG/PNG; re-run the source "
+                             f"{sample.provenance.get('source')!r} is not a readable JPEG or PNG; re-run the source "
                              "stage with image_format=jpg or export to coco (which can reference sources)")
         check_image_size(found[0], hw)
         return found
