@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,7 +82,9 @@ def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
         compressed = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
     else:
         compressed = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return mask_utils.decode(compressed).astype(bool)
+    with warnings.catch_warnings():  # pycocotools 2.0.x trips numpy 2's __array__(copy=) deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(compressed).astype(bool)
 
 
 def mask_record(rle: Mapping[str, Any], category_id: int, score: float, producer: str) -> dict[str, Any]:

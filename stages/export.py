@@ -71,8 +71,8 @@ class ExportStage(Stage):
         super().__init__(context)
         if not SPLIT.match(self.cfg.split):
             raise ConfigError(f"{context.node}.split={self.cfg.split!r}: use 1-64 characters of [A-Za-z0-9_-]")
-        if "labels" not in context.upstream and not self.cfg.source and "labels" not in context.config.get(
-                "inputs", {}):
+        if "labels" not in context.upstream and not self.cfg.source and "labels" not in (context.config.get("inputs")
+                                                                                          or {}):
             raise ConfigError(f"{context.node}: set inputs.labels=<node> or source=<stage output path or URL>")
 
     @cached_property
@@ -91,7 +91,7 @@ class ExportStage(Stage):
 
     def identities(self) -> dict[str, str]:
         """The source's fingerprint when it is read through `source` (an upstream node enters by its own)."""
-        if "labels" in self.context.config.get("inputs", {}):
+        if "labels" in (self.context.config.get("inputs") or {}):
             return {}
         self._format()  # fails here, on the driver, for a source the format cannot take
         return {"source": self.info.fingerprint}

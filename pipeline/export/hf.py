@@ -40,6 +40,14 @@ class HfFormat(ExportFormat):
         self._files = ExitStack()
         self._writer: pq.ParquetWriter | None = None
 
+    def begin_shard(self, index: int, total: int) -> None:
+        """Start a shard; a file left open by a shard that failed is discarded, never published."""
+        if self._writer is not None:
+            aborted = RuntimeError("previous shard failed")
+            self._files.__exit__(type(aborted), aborted, None)
+        self._rows, self._files, self._writer = [], ExitStack(), None
+        super().begin_shard(index, total)
+
     def shard_file(self, index: int, total: int) -> str:
         """The Parquet file of source shard `index` of `total`."""
         return f"data/{self.split}-{index:05d}-of-{total:05d}.parquet"

@@ -191,3 +191,31 @@ def test_an_export_node_in_a_preset_is_skipped_when_its_source_is_unchanged(demo
     assert [s.status for s in again] == ["up to date", "up to date"]
     changed = run(compose("demo", [*overrides, "to_mmseg.split=val"]))
     assert [s.status for s in changed] == ["up to date", "ran"]
+
+
+def test_hf_shard_file_appears_only_complete_and_a_failed_attempt_is_discarded(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.export.formats import Converted
+    from pipeline.export.hf import ROW_GROUP, HfFormat
+    from pipeline.export.source import SourceInfo
+    from pipeline.export.writer import ExportTarget
+
+    info = SourceInfo("pl", "fp", "pseudolabel/1", "label.png", load_vocab("toy"), ())
+    fmt = HfFormat(ExportTarget(str(tmp_path)), "train", info)
+    path = tmp_path / fmt.shard_file(0, 1)
+
+    def row(key: str) -> Converted:
+        return Converted(key, {}, {}, {"key": key, "image": {"bytes": b"i", "path": "i"},
+                                       "label": {"bytes": b"l", "path": "l"}})
+
+    fmt.begin_shard(0, 1)
+    for i in range(ROW_GROUP + 1):  # a row group is written: the file is open
+        fmt.write(row(f"first{i}"))
+    assert not path.exists()
+    fmt.begin_shard(0, 1)  # the executor retries the shard after a failure
+    fmt.write(row("retry"))
+    assert not path.exists()
+    fmt.end_shard()
+    assert pq.read_table(path).column("key").to_pylist() == ["retry"]
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
