@@ -24,6 +24,7 @@ STAGES: dict[str, str] = {
     "selftrain": "stages.selftrain:SelfTrainStage",
     "train": "stages.train:TrainStage",
     "eval": "stages.evaluate:EvalStage",
+    "export": "stages.export:ExportStage",
 }
 
 

@@ -34,7 +34,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.tar_samples import iter_tar_samples
+from pipeline.sample_files import decode_sample
+from pipeline.tar_samples import UnsafeShardError, iter_tar_samples
 
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed so tar bytes never depend on the clock
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
@@ -258,13 +259,35 @@ class StageOutput:
         paths = [join(self.path, s["name"]) for s in self.manifest["shards"]]
         return paths if _is_local(self.fs) else [self.fs.unstrip_protocol(p) for p in paths]
 
-    def samples(self, shard_urls: list[str] | None = None) -> Iterator[dict[str, Any]]:
-        """Raw samples {"__key__": key, "__url__": url, ext: bytes} read with Python's tarfile."""
-        for url in shard_urls if shard_urls is not None else self.shard_urls():
-            yield from iter_tar_samples(url)
+    def shard_checksums(self) -> dict[str, str]:
+        """Shard URL (as `shard_urls` gives it) -> the sha256 recorded in the manifest."""
+        return {url: s["sha256"] for url, s in zip(self.shard_urls(), self.manifest["shards"], strict=True)}
 
-    def webdataset(self, *stages: Any, split_by_node: bool = True, split_by_worker: bool = True) -> Any:
-        """A `webdataset.DataPipeline` over the shards (any fsspec URL), split per rank and per worker."""
+    def samples(self, shard_urls: list[str] | None = None, verify: bool = False) -> Iterator[dict[str, Any]]:
+        """Raw samples {"__key__": key, "__url__": url, ext: bytes} read with Python's tarfile.
+
+        Members are checked (`pipeline.tar_samples`: no traversal, links or oversized members); with `verify`
+        each shard's sha256 is checked against the manifest before its first sample is yielded.
+        """
+        checksums = self.shard_checksums() if verify else {}
+        for url in shard_urls if shard_urls is not None else self.shard_urls():
+            yield from iter_tar_samples(url, sha256=self._expected(checksums, url) if verify else None)
+
+    def _expected(self, checksums: dict[str, str], url: str) -> str:
+        if url not in checksums:
+            raise UnsafeShardError(f"{url} is not a shard of {self.path}'s manifest; nothing to verify it against")
+        return checksums[url]
+
+    def webdataset(self, *stages: Any, split_by_node: bool = True, split_by_worker: bool = True,
+                   decode: bool = True, verify: bool = False) -> Any:
+        """A `webdataset.DataPipeline` over the shards (any fsspec URL), split per rank and per worker.
+
+        Args:
+            stages: further pipeline stages (e.g. `wds.shuffle(100)`, `wds.batched(8)`).
+            decode: decode members with `pipeline.sample_files.decode_sample` (label maps as integer arrays of
+                their stored dtype, images as RGB uint8); False yields raw bytes.
+            verify: check each shard's sha256 against the manifest before reading it.
+        """
         import webdataset as wds
 
         pipeline: list[Any] = [wds.SimpleShardList(self.shard_urls())]
@@ -272,19 +295,32 @@ class StageOutput:
             pipeline.append(wds.split_by_node)
         if split_by_worker:
             pipeline.append(wds.split_by_worker)
-        pipeline.append(_fsspec_tar_samples)
+        pipeline.append(_TarSamples(self.shard_checksums() if verify else None))
+        if decode:
+            pipeline.append(wds.map(decode_sample))
         return wds.DataPipeline(*pipeline, *stages)
 
-    def torch_dataset(self, transform: Any = None) -> Any:
-        """A torch IterableDataset of raw samples with per-rank and per-worker shard splitting."""
+    def torch_dataset(self, transform: Any = None, decode: bool = True, verify: bool = False) -> Any:
+        """A torch IterableDataset with per-rank and per-worker shard splitting.
+
+        Samples are decoded like `webdataset()` (`decode=False`: raw bytes), then passed through `transform`.
+        """
         from pipeline.shard_dataset import ShardIterableDataset
 
-        return ShardIterableDataset(self.shard_urls(), transform)
+        return ShardIterableDataset(self.shard_urls(), transform, decode=decode,
+                                    checksums=self.shard_checksums() if verify else None)
 
 
-def _fsspec_tar_samples(shard_specs: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for spec in shard_specs:
-        yield from iter_tar_samples(spec["url"])
+class _TarSamples:
+    """webdataset pipeline stage: shard specs -> raw samples, optionally verified against recorded checksums."""
+
+    def __init__(self, checksums: dict[str, str] | None) -> None:
+        self.checksums = checksums
+
+    def __call__(self, shard_specs: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for spec in shard_specs:
+            url = spec["url"]
+            yield from iter_tar_samples(url, sha256=None if self.checksums is None else self.checksums[url])
 
 
 def open_stage(url: str, **storage_options: Any) -> StageOutput:

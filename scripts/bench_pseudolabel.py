@@ -33,9 +33,8 @@ import numpy as np
 import torch
 
 from pipeline.executor import run_shard
-from pipeline.models.sam import mask_to_rle, rle_to_mask
 from pipeline.models.sliding import short_side_scale
-from pipeline.sample_files import encode_image, encode_label_png, mask_record
+from pipeline.sample_files import encode_image, encode_label_png, mask_record, mask_to_rle, rle_to_mask
 from pipeline.stage import StageContext
 from stages.pseudolabel import PseudoLabelStage
 from stages.pseudolabel.steps import (

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["label_fixtures"]  # demo_pseudolabels: the demo's pseudolabel node, run once per session
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SEG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 

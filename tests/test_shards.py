@@ -98,8 +98,8 @@ def test_readers_agree_on_every_sample(tmp_path, scheme):
     output = open_stage(_publish(root))
     ours = [(s["__key__"], s["json"], s["grid.npy"]) for s in output.samples()]
     assert len(ours) == output.num_samples == 4 + 3 + 2
-    pipeline = [(s["__key__"], s["json"], s["grid.npy"]) for s in output.webdataset(split_by_node=False)]
-    torch_ds = [(s["__key__"], s["json"], s["grid.npy"]) for s in output.torch_dataset()]
+    pipeline = [(s["__key__"], s["json"], s["grid.npy"]) for s in output.webdataset(split_by_node=False, decode=False)]
+    torch_ds = [(s["__key__"], s["json"], s["grid.npy"]) for s in output.torch_dataset(decode=False)]
     assert pipeline == ours and torch_ds == ours
     if scheme == "file":
         plain_wds = wds.WebDataset(output.shard_urls(), shardshuffle=False)

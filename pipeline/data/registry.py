@@ -9,7 +9,14 @@ from typing import Any
 from pipeline.data.coco import COCOAdapter
 from pipeline.data.folder import FolderAdapter
 from pipeline.data.records import Adapter
-from pipeline.data.semseg import ADE20KAdapter, CamVidAdapter, CityscapesAdapter, COCOStuffAdapter, VOCAdapter
+from pipeline.data.semseg import (
+    ADE20KAdapter,
+    CamVidAdapter,
+    CityscapesAdapter,
+    COCOStuffAdapter,
+    TrainIdAdapter,
+    VOCAdapter,
+)
 from pipeline.data.toyworld import ToyWorldAdapter
 from pipeline.data.wds import ShardsAdapter
 
@@ -21,6 +28,7 @@ ADAPTERS: dict[str, type] = {
     "ade20k": ADE20KAdapter,
     "cityscapes": CityscapesAdapter,
     "camvid": CamVidAdapter,
+    "semseg": TrainIdAdapter,
     "shards": ShardsAdapter,
     "toyworld": ToyWorldAdapter,
 }

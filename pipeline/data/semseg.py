@@ -141,6 +141,31 @@ class PairedSemsegAdapter:
 
 
 @dataclass
+class TrainIdAdapter(PairedSemsegAdapter):
+    """Image folder + label-PNG folder whose values already are train ids of the vocabulary (kind ``semseg``).
+
+    The default layout is MMSegmentation's ``img_dir/{split}/*.jpg`` + ``ann_dir/{split}/*.png``, which is what
+    ``python -m pipeline.export --format mmseg`` writes (also Detectron2 ``sem_seg`` folders with other
+    ``image_dir``/``label_dir``). Values ``0..C-1`` are kept, every other value (255, or 65535 for uint16 maps)
+    becomes ignore. The vocabulary is required: it says what the ids mean.
+    """
+
+    split: str = "train"
+    name: str = "semseg"
+    image_dir: str = "img_dir/{split}"
+    label_dir: str = "ann_dir/{split}"
+
+    def _build_lut(self) -> np.ndarray:
+        return np.arange(self.vocab.num_classes, dtype=self.vocab.label_dtype)
+
+    def decode_label(self, data: bytes) -> tuple[np.ndarray, list[str]]:
+        """Label bytes -> ``(HxW train ids of vocab.label_dtype, notes)``; a colour PNG raises ValueError."""
+        raw = read_label_png(data, self.max_pixels)
+        return label_ids.identity_train_ids(raw, self.vocab.num_classes, self.vocab.ignore_index,
+                                            self.vocab.label_dtype), []
+
+
+@dataclass
 class CamVidAdapter(PairedSemsegAdapter):
     """SegNet CamVid: ``{split}/*.png`` + ``{split}annot/*.png``; raw 0..10 classes, 11 void -> ignore.
 

@@ -8,7 +8,6 @@ extension is the rest (``"jpg"``, ``"label.png"``).
 
 from __future__ import annotations
 
-import posixpath
 import tarfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,6 +26,13 @@ from pipeline.data.records import (
     resolve_vocab,
     sanitize_key,
 )
+from pipeline.tar_samples import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    UnsafeShardError,
+    check_member,
+    split_member_name,
+    verify_shard,
+)
 
 if TYPE_CHECKING:
     from pipeline.data.vocab import Vocabulary
@@ -35,26 +41,26 @@ MemberSpan = tuple[str, int, int]
 """``(member name, byte offset of its data in the tar, size in bytes)``."""
 
 
-def split_member_name(member: str) -> tuple[str, str]:
-    """``"dir/abc.label.png"`` -> ``("dir/abc", "label.png")`` (WebDataset key / extension rule)."""
-    folder, base = posixpath.split(member)
-    stem, _, extension = base.partition(".")
-    return posixpath.join(folder, stem) if folder else stem, extension
-
-
-def tar_members(url: str) -> dict[str, dict[str, MemberSpan]]:
-    """Stream one tar and group its regular files by sample key.
+def tar_members(url: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> dict[str, dict[str, MemberSpan]]:
+    """Stream one tar and group its regular files by sample key (members checked by
+    `pipeline.tar_samples.check_member`; a member repeated in one sample is refused).
 
     Returns:
         Key -> extension -> :data:`MemberSpan`, in tar order.
+
+    Raises:
+        UnsafeShardError: A traversal, absolute, link, special or oversized member, or a repeated member.
     """
     samples: dict[str, dict[str, MemberSpan]] = {}
     with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as archive:
         for member in archive:
-            if not member.isfile():
+            if not check_member(member, url, max_member_bytes):
                 continue
             key, extension = split_member_name(member.name)
-            samples.setdefault(key, {})[extension.lower()] = (member.name, member.offset_data, member.size)
+            extensions = samples.setdefault(key, {})
+            if extension.lower() in extensions:
+                raise UnsafeShardError(f"{url}: member {member.name!r} appears twice in sample {key!r}; refused")
+            extensions[extension.lower()] = (member.name, member.offset_data, member.size)
     return samples
 
 
@@ -81,6 +87,9 @@ class ShardsAdapter:
         label_extensions: Member extensions taken as the label map, first match wins.
         with_labels: Load label members; False ignores them.
         max_pixels: Largest accepted image size (pixels).
+        verify: Check each tar's sha256 against the one its stage recorded (``manifest.json`` beside it or its
+            done-marker) while listing, before any work; a mismatch or a missing record fails the listing.
+        max_member_bytes: Largest accepted tar member; larger ones fail the listing (unsafe shard).
     """
 
     urls: str | list[str] | tuple[str, ...]
@@ -90,6 +99,8 @@ class ShardsAdapter:
     label_extensions: tuple[str, ...] = ("label.png", "seg.png")
     with_labels: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
+    verify: bool = False
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
 
     def __post_init__(self) -> None:
         self.vocab = resolve_vocab(self.vocab, None, "shards")
@@ -123,7 +134,9 @@ class ShardsAdapter:
         """All samples of all shards, sorted by key (each tar is streamed once; nothing is decoded)."""
         refs = []
         for url in self.tar_urls():
-            for key, extensions in tar_members(url).items():
+            if self.verify:
+                verify_shard(url)
+            for key, extensions in tar_members(url, self.max_member_bytes).items():
                 image = self._pick(extensions, self.image_extensions)
                 label = self._pick(extensions, self.label_extensions) if self.with_labels else None
                 source = f"{url}#{image[0] if image else key + '.<no image member>'}"

@@ -107,7 +107,7 @@ class ClassicalProposals:
         """Every region as a segment_anything automatic-mask record (``amg`` is ignored)."""
         from scipy import ndimage
 
-        from pipeline.models.sam import mask_to_rle
+        from pipeline.sample_files import mask_to_rle
 
         regions = self.regions(image)
         height, width = regions.shape

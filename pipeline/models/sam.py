@@ -271,26 +271,3 @@ class Sam:
         from pipeline.models.sam_masks import automatic_masks
 
         return automatic_masks(self, image, amg or AmgConfig(), embeddings, index)
-
-
-def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO RLE of a bool [H, W] mask: ``{"size": [H, W], "counts": str}`` (pycocotools, column-major)."""
-    from pycocotools import mask as mask_utils
-
-    if mask.ndim != 2:
-        raise ValueError(f"expected a 2-D mask, got shape {mask.shape}")
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
-
-
-def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
-    """Inverse of `mask_to_rle`: COCO RLE (``counts`` str, bytes or an uncompressed list) -> bool [H, W]."""
-    from pycocotools import mask as mask_utils
-
-    height, width = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, list):  # uncompressed RLE
-        compressed = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
-    else:
-        compressed = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return mask_utils.decode(compressed).astype(bool)

@@ -19,11 +19,12 @@ import stages.pseudolabel.steps as steps
 from pipeline.config import ConfigError, at_least, checked_adapter, checked_templates, checked_vocab
 from pipeline.data.records import ImageRecord, ItemRef
 from pipeline.data.vocab import Vocabulary
+from pipeline.label_report import ReportConfig, write_label_report
 from pipeline.models.configs import AmgConfig, ClipConfig, SamConfig, clip_identity, sam_identity
 from pipeline.sample_files import encode_image, encode_label_png, mask_record
 from pipeline.shards import SampleOutput, ShardDone
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext, shard_plans
-from stages.pseudolabel.quality import PRODUCERS, QualityAccumulator, finalize_quality
+from stages.pseudolabel.quality import PRODUCERS, QualityAccumulator, finalize_quality, merge_quality
 
 if TYPE_CHECKING:
     from pipeline.models.sam import SamImageEmbeddings
@@ -68,6 +69,7 @@ class PseudoLabelConfig:
         image_format: "jpg", "png" or "none" (only a reference in json.source).
         jpeg_quality: JPEG quality (4:4:4 chroma) when image_format = "jpg".
         keep_ground_truth: write gt.png when the input has ground truth.
+        report: the review report's knobs (`pipeline.label_report.ReportConfig`).
         resources: workers; batch_size = images per model call.
     """
 
@@ -92,6 +94,7 @@ class PseudoLabelConfig:
     image_format: Literal["jpg", "png", "none"] = "jpg"
     jpeg_quality: int = 95
     keep_ground_truth: bool = True
+    report: ReportConfig = field(default_factory=ReportConfig)
     resources: Resources = field(default_factory=lambda: Resources(num_cpus=1.0, batch_size=16))
 
 
@@ -204,7 +207,7 @@ class PseudoLabelStage(Stage):
 
     def _stage12(self, image: np.ndarray, feats: SlidingFeatures, embeddings: SamImageEmbeddings, index: int,
                  text: np.ndarray, present: np.ndarray) -> list[steps.LabelledMask]:
-        from pipeline.models.sam import rle_to_mask
+        from pipeline.sample_files import rle_to_mask
 
         cfg = self.cfg
         records = [r for r in self.sam.generate(image, cfg.amg, embeddings, index)
@@ -222,7 +225,7 @@ class PseudoLabelStage(Stage):
 
     def _encode(self, record: ImageRecord, result: steps.PseudoLabels) -> SampleOutput:
         """The files of one "pseudolabel/1" sample: image, label.png, masks.json, gt.png, json (docs/schema.md)."""
-        from pipeline.models.sam import mask_to_rle
+        from pipeline.sample_files import mask_to_rle
 
         cfg = self.cfg
         masks = [mask_record(m.rle or mask_to_rle(m.mask), m.category_id, m.score, m.producer) for m in result.kept]
@@ -261,7 +264,11 @@ class PseudoLabelStage(Stage):
         return extra
 
     def finalize(self, done: list[ShardDone]) -> dict[str, Any]:
-        return finalize_quality([d.extra for d in done], self.vocab, self.cfg.merge_policy, self.context.output_url)
+        """Quality against GT (`pseudolabel_quality.json`) and the review report (`report/`, pipeline.label_report)."""
+        extra = finalize_quality([d.extra for d in done], self.vocab, self.cfg.merge_policy, self.context.output_url)
+        matrices = merge_quality(d.extra.get("quality") or {} for d in done)
+        return {**extra, **write_label_report(self.context.output_url, self.vocab, done, matrices, self.cfg.report,
+                                              title=f"Pseudo-labels: {self.context.node}")}
 
     def manifest_extra(self) -> dict[str, Any]:
         return {"vocab": self.vocab.to_dict(), "sample_files": SAMPLE_FILES}

@@ -35,7 +35,7 @@ def class_regions(label: np.ndarray, scores: np.ndarray, ignore_index: int) -> l
         [{"segmentation": COCO RLE (counts str), "category_id", "score", "producer": "selftrain", "area"
         (pixels), "bbox": [x, y, w, h] (pixels; COCO `toBbox`, width = x_max - x_min + 1)}].
     """
-    from pipeline.models.sam import mask_to_rle
+    from pipeline.sample_files import mask_to_rle
 
     means = class_scores(label, scores, ignore_index)
     regions = []

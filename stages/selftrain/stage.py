@@ -39,6 +39,7 @@ import numpy as np
 from pipeline.config import ConfigError, checked_adapter, checked_vocab, resolve_device
 from pipeline.data.records import ImageRecord, ItemRef
 from pipeline.data.vocab import Vocabulary
+from pipeline.label_report import ReportConfig, write_label_report
 from pipeline.predict.load_trained import load_trained
 from pipeline.predict.protocol import Protocol, load_protocol
 from pipeline.sample_files import encode_image, encode_label_png
@@ -74,6 +75,7 @@ class SelfTrainConfig:
         class_masks: write per-class COCO RLE regions into `masks.json` (else an empty list).
         samples_per_shard: images per output shard.
         device: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
+        report: the review report's knobs (`pipeline.label_report.ReportConfig`).
         resources: executor resources (not part of the fingerprint).
     """
 
@@ -91,6 +93,7 @@ class SelfTrainConfig:
     class_masks: bool = True
     samples_per_shard: int = 500
     device: str = "auto"
+    report: ReportConfig = field(default_factory=ReportConfig)
     resources: Resources = field(default_factory=lambda: Resources(num_cpus=1.0, batch_size=8))
 
 
@@ -294,7 +297,10 @@ class SelfTrainStage(Stage):
             write_atomic(fs, join(path, QUALITY_FILE), to_json(report).encode())
             summary |= {"quality_file": QUALITY_FILE,
                         **json.loads(to_json({k: metrics[k] for k in ("mIoU", "pAcc", "mIoU(U)")}))}
-        return {"selftrain": summary}
+        report = write_label_report(self.context.output_url, self.vocab, done,
+                                    None if quality is None else {"selftrain": quality}, self.cfg.report,
+                                    title=f"Self-training labels: {self.context.node}")
+        return {"selftrain": summary, **report}
 
     def manifest_extra(self) -> dict[str, Any]:
         return {

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.data.toyworld import render_scene, split_seed
 from pipeline.models.proposals import ClassicalProposals, ProposalConfig
-from pipeline.models.sam import rle_to_mask
+from pipeline.sample_files import rle_to_mask
 
 
 def _two_halves() -> np.ndarray:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline.models.sam import AmgConfig, Sam, mask_to_rle, rle_to_mask
+from pipeline.models.sam import AmgConfig, Sam
+from pipeline.sample_files import mask_to_rle, rle_to_mask
 
 
 def _image(height: int, width: int, seed: int) -> np.ndarray:

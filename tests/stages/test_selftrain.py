@@ -190,7 +190,7 @@ def test_process_batch_writes_schema_files_with_policy_labels_and_quality(monkey
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
 def test_masks_json_regions_tile_the_label_map(monkeypatch):
-    from pipeline.models.sam import rle_to_mask
+    from pipeline.sample_files import rle_to_mask
 
     stage = make_stage(policy="all_pixels", threshold=0.0)
     out = run_stage(monkeypatch, stage, TOY_LOGITS)[0]
@@ -248,6 +248,9 @@ def test_end_to_end_through_the_runner(tmp_path, monkeypatch):
     assert report["policy"] == "zsseg_st" and report["metrics"]["num_pixels"] == unseen_pixels > 0
     assert report["pixels"]["from_model"] == unseen_pixels
     assert output.manifest["selftrain"]["quality_file"] == "selftrain_quality.json"
+    review = json.loads((tmp_path / "st" / output.fingerprint / "report" / "report.json").read_text())
+    assert output.manifest["report"]["path"] == "report/report.md"
+    assert review["quality"]["selftrain"]["mIoU"] == pytest.approx(report["metrics"]["mIoU"])
     assert run(compose("demo", overrides))[1].status == "up to date"
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from pipeline.config import ConfigError
 from pipeline.executor import run_batch
 from pipeline.models.configs import AmgConfig, ClipConfig, SamConfig
-from pipeline.models.sam import rle_to_mask
+from pipeline.sample_files import rle_to_mask
 from pipeline.stage import StageContext
 from pseudolabel.fixtures import TINY, make_stage
 from stages.pseudolabel import PseudoLabelConfig, PseudoLabelStage
@@ -54,7 +54,8 @@ def _image(height: int, width: int, seed: int) -> np.ndarray:
     ({"merge_policy": "union"}, "pl.merge_policy='union'"), ({"image_format": "gif"}, "pl.image_format"),
     ({"top_k": 0}, "pl.top_k=0"), ({"min_mask_area": -1}, "pl.min_mask_area=-1"), ({"data": {}}, "pl.data.kind"),
     ({"prompt_templates": "nope"}, "pl.prompt_templates"), ({"vocab": "nope"}, "pl.vocab='nope'"),
-    ({"data": {"kind": "toyworld", "vocab": "camvid_11"}}, "pl.data"), ({"topk": 3}, r"pl\.topk: unknown config key; .*'top_k'"),
+    ({"data": {"kind": "toyworld", "vocab": "camvid_11"}}, "pl.data"),
+    ({"topk": 3}, r"pl\.topk: unknown config key; .*'top_k'"),
 ])
 def test_bad_config_fails_before_compute_naming_the_key(tmp_path: Path, override: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -163,7 +163,7 @@ def test_ground_truth_runs_both_producers_but_the_mode_makes_the_label_map(mode:
 
 
 def test_mask_record_round_trips_through_pycocotools() -> None:
-    from pipeline.models.sam import mask_to_rle
+    from pipeline.sample_files import mask_to_rle
 
     mask = np.zeros((5, 7), dtype=bool)
     mask[1:4, 2:6] = True
