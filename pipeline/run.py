@@ -132,19 +132,29 @@ _PLANNED: dict[tuple[str, str], NodeFingerprint] = {}  # (node, fingerprint) -> 
 def plan_fingerprints(nodes: Mapping[str, dag.Node], cfg: Mapping[str, Any]) -> dict[str, str]:
     """The fingerprint of every node the selection needs (selected ones and their ancestors), upstream first.
 
-    Also validates every node's config before any work. Input items are listed only for the needed nodes, so a
-    preset's other data roots need not exist.
+    Also validates their configs before any work (ConfigError); other nodes' errors are logged as warnings, and
+    their input items are not listed, so a preset's other data roots need not exist.
     """
     needed = needed_nodes(nodes, cfg.get("stages"))
     fingerprints: dict[str, str] = {}
     _PLANNED.clear()
     for name in dag.topological_order(nodes):
-        stage = _driver_stage(nodes[name], cfg)
-        if name in needed:
-            planned = node_fingerprint(nodes[name], stage, cfg, fingerprints)
-            fingerprints[name] = planned.value
-            _PLANNED[(name, planned.value)] = planned
+        if name not in needed:
+            _warn_if_invalid(nodes[name], cfg)
+            continue
+        planned = node_fingerprint(nodes[name], _driver_stage(nodes[name], cfg), cfg, fingerprints)
+        fingerprints[name] = planned.value
+        _PLANNED[(name, planned.value)] = planned
     return fingerprints
+
+
+def _warn_if_invalid(node: dag.Node, cfg: Mapping[str, Any]) -> None:
+    """A node this run does not need is checked too, but its errors only warn (`stages=[wordgrid] vocab=voc_20`
+    makes VOC word grids even though the preset's toy-world nodes cannot use that vocabulary)."""
+    try:
+        _driver_stage(node, cfg)
+    except ConfigError as error:
+        log.warning("%s (not selected, not run): %s", node.name, error)
 
 
 def needed_nodes(nodes: Mapping[str, dag.Node], stages: list[str] | None) -> set[str]:
@@ -163,7 +173,8 @@ def _driver_stage(node: dag.Node, cfg: Mapping[str, Any]) -> Stage:
     data = node.config.get("data")
     if data is not None and not isinstance(data, Mapping):
         raise ConfigError(f"{node.name}.data={data!r} is not a mapping: an input adapter is a kind and its options, "
-                          f"e.g. {node.name}.data={{kind:folder,root:/path/to/images}}")
+                          f"e.g. '{node.name}.data={{kind:folder,root:/path/to/images}}' (in quotes: a shell expands "
+                          "unquoted braces into two arguments)")
     return dag.stage_class(node.kind)(StageContext(node=node.name, seed=int(cfg["seed"]), config=node.config))
 
 
@@ -397,10 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         raw = compose_config(preset, overrides)
         cfg = OmegaConf.to_container(raw, resolve=True)
+        build_config(LeaseConfig, cfg.get("lease"), "lease")  # the run-level knobs fail before any work too
         started = time.perf_counter()
         summaries = run(cfg)
     except (ConfigError, HydraException, OmegaConfBaseException, yaml.YAMLError) as error:
-        print(f"error: {error}{config_hint(error, raw)}", file=sys.stderr)
+        print(f"error: {error}{config_hint(error, raw, overrides)}", file=sys.stderr)
         return 2
     except FailureRatioExceeded as error:
         print(f"error: {error}", file=sys.stderr)
