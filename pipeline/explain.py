@@ -17,9 +17,22 @@ import fsspec
 from pipeline.data.records import InputIdentity
 from pipeline.fingerprint import NodeFingerprint, result_config
 from pipeline.incremental import read_inputs, same_base
+from pipeline.shards import MANIFEST_NAME, join
 
 MAX_VALUE_CHARS = 40
 MAX_EXAMPLES = 2
+
+
+def why(fs: fsspec.AbstractFileSystem, node: str, planned: NodeFingerprint, history: Sequence[Mapping[str, Any]],
+        out_path: str, forced: bool) -> str:
+    """The reason a node with work runs: forced, failures to retry, a resumed crash, or `reasons` joined by "; "."""
+    if forced:
+        return "forced"
+    if fs.exists(join(out_path, MANIFEST_NAME)):
+        return "retry_failed: the output recorded failed samples"
+    resumed = len(fs.glob(join(out_path, "*.done.json")))
+    found = "; ".join(reasons(fs, node, planned, history))
+    return f"resuming ({resumed} shard(s) already done); {found}" if resumed else found
 
 
 def reasons(fs: fsspec.AbstractFileSystem, node: str, planned: NodeFingerprint,

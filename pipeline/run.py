@@ -23,9 +23,10 @@ import fsspec
 from pipeline import dag, explain, incremental
 from pipeline.config import ConfigError, build_config
 from pipeline.executor import make_executor
-from pipeline.fingerprint import NodeFingerprint, describe
+from pipeline.fingerprint import NodeFingerprint
 from pipeline.lease import LeaseConfig, LeaseHeld, LeaseLost, hold
 from pipeline.overrides import config_hint, split_data_overrides
+from pipeline.planning import plan_fingerprints, planned_fingerprint
 from pipeline.shards import MANIFEST_NAME, ShardDone, StageOutput, join, read_done, write_pointer, write_stage_index
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext
 
@@ -126,73 +127,6 @@ def output_root(cfg: Mapping[str, Any]) -> str:
     return root if "://" in root else os.path.abspath(root)
 
 
-_PLANNED: dict[tuple[str, str], NodeFingerprint] = {}  # (node, fingerprint) -> its parts, from the last planning
-
-
-def plan_fingerprints(nodes: Mapping[str, dag.Node], cfg: Mapping[str, Any]) -> dict[str, str]:
-    """The fingerprint of every node the selection needs (selected ones and their ancestors), upstream first.
-
-    Also validates their configs before any work (ConfigError); other nodes' errors are logged as warnings, and
-    their input items are not listed, so a preset's other data roots need not exist.
-    """
-    needed = needed_nodes(nodes, cfg.get("stages"))
-    fingerprints: dict[str, str] = {}
-    _PLANNED.clear()
-    for name in dag.topological_order(nodes):
-        if name not in needed:
-            _warn_if_invalid(nodes[name], cfg)
-            continue
-        planned = node_fingerprint(nodes[name], _driver_stage(nodes[name], cfg), cfg, fingerprints)
-        fingerprints[name] = planned.value
-        _PLANNED[(name, planned.value)] = planned
-    return fingerprints
-
-
-def _warn_if_invalid(node: dag.Node, cfg: Mapping[str, Any]) -> None:
-    """A node this run does not need is checked too, but its errors only warn (`stages=[wordgrid] vocab=voc_20`
-    makes VOC word grids even though the preset's toy-world nodes cannot use that vocabulary)."""
-    try:
-        _driver_stage(node, cfg)
-    except ConfigError as error:
-        log.warning("%s (not selected, not run): %s", node.name, error)
-
-
-def needed_nodes(nodes: Mapping[str, dag.Node], stages: list[str] | None) -> set[str]:
-    """The selected nodes and every node upstream of them."""
-    needed: set[str] = set()
-    pending = list(dag.select(nodes, stages))
-    while pending:
-        name = pending.pop()
-        if name not in needed:
-            needed.add(name)
-            pending.extend(nodes[name].inputs.values())
-    return needed
-
-
-def _driver_stage(node: dag.Node, cfg: Mapping[str, Any]) -> Stage:
-    data = node.config.get("data")
-    if data is not None and not isinstance(data, Mapping):
-        raise ConfigError(f"{node.name}.data={data!r} is not a mapping: an input adapter is a kind and its options, "
-                          f"e.g. '{node.name}.data={{kind:folder,root:/path/to/images}}' (in quotes: a shell expands "
-                          "unquoted braces into two arguments)")
-    return dag.stage_class(node.kind)(StageContext(node=node.name, seed=int(cfg["seed"]), config=node.config))
-
-
-def node_fingerprint(node: dag.Node, stage: Stage, cfg: Mapping[str, Any],
-                     fingerprints: Mapping[str, str]) -> NodeFingerprint:
-    """The parts of one node's fingerprint: its description and its input identity (one listing per folder)."""
-    upstream = {port: fingerprints[up] for port, up in sorted(node.inputs.items())}
-    description = describe(node.kind, stage.code_version, {**node.config, "seed": cfg["seed"]}, upstream,
-                           stage.identities())
-    return NodeFingerprint(description, stage.input_identity())
-
-
-def planned_fingerprint(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, str]) -> NodeFingerprint:
-    """The parts of `fingerprints[node.name]` from the last `plan_fingerprints`, recomputed when absent."""
-    planned = _PLANNED.get((node.name, fingerprints[node.name]))
-    return planned or node_fingerprint(node, _driver_stage(node, cfg), cfg, fingerprints)
-
-
 def check_inputs_exist(nodes: Mapping[str, dag.Node], selected: list[str], fingerprints: Mapping[str, str],
                        fs: fsspec.AbstractFileSystem, root: str) -> None:
     """Fail before any work when a selected node reads an upstream output that is neither run now nor on disk."""
@@ -220,7 +154,7 @@ def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
         return summary
     planned = planned_fingerprint(node, cfg, fingerprints)
     history = incremental.earlier_outputs(fs, join(root_path, node.name), exclude=planned.value)
-    reason = _reason(fs, node, planned, history, out_path, forced, cfg)
+    reason = explain.why(fs, node.name, planned, history, out_path, forced)
     if cfg.get("dry_run"):
         return NodeSummary(node.name, "would run", 0, 0, 0, 0.0, reason=reason)
     with hold(fs, out_path, build_config(LeaseConfig, cfg.get("lease"), "lease"), node.name) as lease:
@@ -245,18 +179,6 @@ def _up_to_date(fs: fsspec.AbstractFileSystem, node: dag.Node, out_path: str,
         return None
     return NodeSummary(node.name, "up to date", existing.num_samples, existing.manifest["num_failed"],
                        len(existing.manifest["shards"]), 0.0)
-
-
-def _reason(fs: fsspec.AbstractFileSystem, node: dag.Node, planned: NodeFingerprint,
-            history: list[dict[str, Any]], out_path: str, forced: bool, cfg: Mapping[str, Any]) -> str:
-    """Why the node runs: forced, failures to retry, a resumed crash, or what changed since an earlier output."""
-    if forced:
-        return "forced"
-    if fs.exists(join(out_path, MANIFEST_NAME)):
-        return "retry_failed: the output recorded failed samples"
-    resumed = len(fs.glob(join(out_path, "*.done.json")))
-    why = "; ".join(explain.reasons(fs, node.name, planned, history))
-    return f"resuming ({resumed} shard(s) already done); {why}" if resumed else why
 
 
 def _execute(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, str], fs: fsspec.AbstractFileSystem,
