@@ -3,6 +3,7 @@ before any work with a message naming the key and the fix."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -74,13 +75,18 @@ def test_documented_commands_run(tmp_path, capsys):
     folder = images(tmp_path / "pool")
     assert main([f"output_root={out}", f"pseudolabel.data={{kind:folder,root:{folder}}}", "stages=[pseudolabel]",
                  "dry_run=true"]) == 0
+    coco_json = tmp_path / "instances.json"
+    coco_json.write_text(json.dumps({"images": [{"id": 1, "file_name": "im0.jpg", "height": 8, "width": 8}],
+                                     "annotations": [], "categories": [{"id": 1, "name": "person"}]}))
+    assert main([f"output_root={out}", "stages=[pseudolabel]", "dry_run=true",
+                 f"pseudolabel.data={{kind:coco,annotation_file:{coco_json},image_root:{folder}}}"]) == 0
     coco_root = tmp_path / "coco"
     images(coco_root / "images" / "train2017")
     (coco_root / "annotations" / "train2017").mkdir(parents=True)
     assert main(["conf=coco", f"output_root={out}", f"coco_root={coco_root}", "stages=[pseudolabel]",
                  "dry_run=true"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("would run") == 3 and printed.count("nothing written") == 3
+    assert printed.count("would run") == 4 and printed.count("nothing written") == 4
     assert not out.exists()
 
 
