@@ -74,6 +74,12 @@ def folder_listing(directory: str, recursive: bool = True) -> dict[str, tuple[st
     base = base.rstrip("/")
     found: dict[str, tuple[str, str]] = {}
     for path, info in fs.find(base, maxdepth=None if recursive else 1, detail=True).items():
+        if info.get("islink"):  # local symlink: the target's size and mtime (the link's own never change)
+            try:
+                target = os.stat(path)
+            except OSError:  # dangling
+                continue
+            info = {"size": target.st_size, "mtime": target.st_mtime, "type": "file"}
         if info.get("type", "file") != "file":
             continue
         relative = path[len(base) + 1:] if path.startswith(base + "/") else posixpath.basename(path)

@@ -54,8 +54,9 @@ class InputIdentity:
     """What an input adapter contributes to its node's fingerprint (design contract 2), from listings only.
 
     Attributes:
-        items: Item name -> identity (16 hex digits), sorted by name. Names are sample keys, except for the
-            ``shards`` adapter, whose items are its tar files (their samples are only known by reading them).
+        items: Item name -> identity (:func:`ref_identity`'s 16 hex digits, or a tar's checksum / listing version),
+            sorted by name. Names are sample keys, except for the ``shards`` adapter, whose items are its tar files
+            (their samples are only known by reading them).
         extra: Digest of what every item depends on (e.g. a COCO JSON's category list); "" when nothing.
     """
 
