@@ -17,6 +17,7 @@ import fsspec
 from pipeline.data.records import InputIdentity
 from pipeline.fingerprint import NodeFingerprint, result_config
 from pipeline.incremental import read_inputs, same_base
+from pipeline.lease import LEASE_NAME, read_holder
 from pipeline.shards import MANIFEST_NAME, join
 
 MAX_VALUE_CHARS = 40
@@ -32,7 +33,10 @@ def why(fs: fsspec.AbstractFileSystem, node: str, planned: NodeFingerprint, hist
         return "retry_failed: the output recorded failed samples"
     resumed = len(fs.glob(join(out_path, "*.done.json")))
     found = "; ".join(reasons(fs, node, planned, history))
-    return f"resuming ({resumed} shard(s) already done); {found}" if resumed else found
+    if resumed:
+        found = f"resuming ({resumed} shard(s) already done); {found}"
+    holder = read_holder(fs, join(out_path, LEASE_NAME))
+    return f"{found}; another run is writing it now: {holder.describe()}" if holder else found
 
 
 def reasons(fs: fsspec.AbstractFileSystem, node: str, planned: NodeFingerprint,

@@ -236,5 +236,17 @@ def _claim_local(path: str, me: Holder, stale: Holder | None) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:  # no hard links here: exclusive create (a reader may see it empty for a moment)
+        return _create_exclusive(path, _encode(me))
     finally:
         os.unlink(tmp)
+
+
+def _create_exclusive(path: str, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    return True
