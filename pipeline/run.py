@@ -158,8 +158,8 @@ def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
     if cfg.get("dry_run"):
         return NodeSummary(node.name, "would run", 0, 0, 0, 0.0, reason=reason)
     with hold(fs, out_path, build_config(LeaseConfig, cfg.get("lease"), "lease"), node.name) as lease:
-        if lease.waited and not forced and (summary := _up_to_date(fs, node, out_path, cfg)):
-            summary.reason = "committed by a concurrent run"
+        if not (forced and not lease.waited) and (summary := _up_to_date(fs, node, out_path, cfg)):
+            summary.reason = "committed by a concurrent run"  # while this run waited for, or raced to, the lease
             return summary
         summary, manifest, shards = _execute(node, cfg, fingerprints, fs, out_path, planned, history, forced,
                                              executor_kind)
