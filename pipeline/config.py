@@ -112,7 +112,7 @@ def at_least(key: str, value: float | None, minimum: float) -> None:
 
 
 def checked_vocab(name: str, key: str) -> Vocabulary:
-    """The vocabulary `name` (a conf/vocab name or a YAML path); ConfigError naming `key` when it cannot load."""
+    """The vocabulary `name` (a conf/vocabularies name or a YAML path); ConfigError naming `key` when it cannot load."""
     from pipeline.data.vocab import load_vocab
 
     try:

@@ -20,12 +20,15 @@ from typing import Any
 
 import fsspec
 
-from pipeline import dag
+from pipeline import dag, explain, incremental
 from pipeline.config import ConfigError, build_config
 from pipeline.executor import make_executor
-from pipeline.fingerprint import stage_fingerprint
+from pipeline.fingerprint import NodeFingerprint
+from pipeline.lease import LeaseConfig, LeaseHeld, LeaseLost, hold
+from pipeline.overrides import config_hint, split_data_overrides
+from pipeline.planning import plan_fingerprints, planned_fingerprint
 from pipeline.shards import MANIFEST_NAME, ShardDone, StageOutput, join, read_done, write_pointer, write_stage_index
-from pipeline.stage import Resources, Stage, StageContext
+from pipeline.stage import Resources, ShardPlan, Stage, StageContext
 
 log = logging.getLogger("pipeline")
 PACKAGES = ("torch", "ray", "open_clip_torch", "segment-anything", "transformers", "webdataset", "numpy", "pyarrow")
@@ -46,7 +49,19 @@ def repo_path(relative: str) -> str:
 
 
 def compose(preset: str = "demo", overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Compose `conf/<preset>.yaml` with Hydra overrides into a plain, resolved dict."""
+    """Compose `conf/<preset>.yaml` with Hydra overrides into a plain, resolved dict (see `compose_config`)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(compose_config(preset, overrides), resolve=True)
+
+
+def compose_config(preset: str = "demo", overrides: Sequence[str] = ()) -> Any:
+    """The composed, unresolved OmegaConf config (interpolations such as `${coco_root}` kept).
+
+    Hydra's override grammar, plus one rule of ours: `<node>.data={kind: ..., ...}` *replaces* the node's input
+    adapter mapping instead of merging into it (an adapter is chosen whole: the preset's toyworld `num_images`
+    means nothing to a folder), so it needs no `~`/`+` dance.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
@@ -56,9 +71,12 @@ def compose(preset: str = "demo", overrides: Sequence[str] = ()) -> dict[str, An
     available = sorted(p.stem for p in conf_dir().glob("*.yaml") if p.stem != "base")
     if preset not in available:
         raise ConfigError(f"conf={preset!r} not found in {conf_dir()}; presets: {available}")
+    hydra_overrides, replacements = split_data_overrides(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = hydra_compose(config_name=preset, overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
+        cfg = hydra_compose(config_name=preset, overrides=hydra_overrides)
+    for key, value in replacements:
+        OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    return cfg
 
 
 def parse_argv(argv: Sequence[str]) -> tuple[str, list[str]]:
@@ -74,7 +92,14 @@ def parse_argv(argv: Sequence[str]) -> tuple[str, list[str]]:
 
 @dataclass
 class NodeSummary:
-    """One line of the run summary."""
+    """One line of the run summary.
+
+    Attributes:
+        status: "ran", "up to date", or (dry_run) "would run".
+        reused: of `samples`, those published from earlier shards (resumed, or unchanged items of an earlier
+            output) instead of computed.
+        reason: why the node ran or would run (`pipeline.explain`); "" when up to date.
+    """
 
     node: str
     status: str
@@ -82,30 +107,24 @@ class NodeSummary:
     failed: int
     shards: int
     seconds: float
+    reused: int = 0
+    reason: str = ""
 
     def line(self) -> str:
+        if self.status == "would run":
+            return f"{self.node:<14} {self.status:<11} {self.reason}"
         rate = f"{self.samples / self.seconds:10.1f} samples/s" if self.status == "ran" and self.seconds else ""
-        return (f"{self.node:<14} {self.status:<11} {self.samples:>9} samples {self.failed:>6} failed "
+        text = (f"{self.node:<14} {self.status:<11} {self.samples:>9} samples {self.failed:>6} failed "
                 f"{self.shards:>6} shards {self.seconds:9.2f} s {rate}")
+        if self.status == "ran" and self.shards:
+            text += f"  {self.samples - self.reused} computed, {self.reused} reused"
+        return f"{text}  ({self.reason})" if self.reason else text
 
 
 def output_root(cfg: Mapping[str, Any]) -> str:
     """The output root as an absolute path or URL (relative local paths resolve against the launch cwd)."""
     root = str(cfg["output_root"])
     return root if "://" in root else os.path.abspath(root)
-
-
-def plan_fingerprints(nodes: Mapping[str, dag.Node], cfg: Mapping[str, Any]) -> dict[str, str]:
-    """The fingerprint of every node, upstream first; also validates every node's config before any work."""
-    fingerprints: dict[str, str] = {}
-    for name in dag.topological_order(nodes):
-        node = nodes[name]
-        stage_cls = dag.stage_class(node.kind)
-        stage = stage_cls(StageContext(node=name, seed=int(cfg["seed"]), config=node.config))
-        upstream = {port: fingerprints[up] for port, up in sorted(node.inputs.items())}
-        fingerprints[name] = stage_fingerprint(node.kind, stage_cls.code_version, {**node.config,
-                                               "seed": cfg["seed"]}, upstream, stage.identities())
-    return fingerprints
 
 
 def check_inputs_exist(nodes: Mapping[str, dag.Node], selected: list[str], fingerprints: Mapping[str, str],
@@ -122,62 +141,108 @@ def check_inputs_exist(nodes: Mapping[str, dag.Node], selected: list[str], finge
 
 def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, str], root: str, forced: bool,
              executor_kind: str) -> NodeSummary:
-    """Run (or skip, when up to date) one node and publish its manifest and pointer."""
+    """Run (or skip, when up to date) one node and publish its manifest and pointer.
+
+    A node with work says why (`pipeline.explain`); with `dry_run` that is all it does. Otherwise it takes the
+    output's lease (`pipeline.lease`: a concurrent run of the same output is waited for and its commit reused),
+    reuses the shards of unchanged items of the newest earlier output with the same base, computes the rest and
+    publishes the manifest atomically (a forced re-run never deletes the manifest others may be reading).
+    """
     fs, root_path = fsspec.core.url_to_fs(root)
-    fingerprint = fingerprints[node.name]
-    out_path = join(root_path, node.name, fingerprint)
-    manifest_path = join(out_path, MANIFEST_NAME)
-    if fs.exists(manifest_path) and not forced:
-        existing = StageOutput(fs.unstrip_protocol(out_path))
-        if not (cfg.get("retry_failed") and existing.manifest["num_failed"]):
-            return NodeSummary(node.name, "up to date", existing.num_samples, existing.manifest["num_failed"],
-                               len(existing.manifest["shards"]), 0.0)
-    if forced and fs.exists(manifest_path):
-        fs.rm_file(manifest_path)
-    if executor_kind == "ray":  # only nodes with work start Ray: an up-to-date run stays fast
-        init_ray(cfg.get("ray") or {})
-    started = time.perf_counter()
-    stage_cls = dag.stage_class(node.kind)
-    upstream = {port: StageOutput(fs.unstrip_protocol(join(root_path, up, fingerprints[up])))
-                for port, up in node.inputs.items()}
-    context = StageContext(node=node.name, seed=int(cfg["seed"]), config=node.config, upstream=upstream,
-                           output_url=fs.unstrip_protocol(out_path), fingerprint=fingerprint,
-                           executor=executor_kind)
-    stage = stage_cls(context)
-    if not stage.sharded:
-        extra = stage.run_unsharded()
-        summary = NodeSummary(node.name, "ran", int(extra.get("num_samples", 0)), 0, 0, time.perf_counter() - started)
-        manifest = {**_manifest(node, stage, fingerprint, fingerprints, []), **extra}
-    else:
-        shards = _run_shards(stage, node, fs, out_path, fingerprint, forced, executor_kind,
-                             bool(cfg.get("retry_failed", False)))
-        summary = NodeSummary(node.name, "ran", sum(d.count for d in shards), sum(d.failed for d in shards),
-                              len(shards), time.perf_counter() - started)
-        _check_failure_ratio(summary, float(cfg.get("max_failure_ratio", 0.0)))
-        manifest = {**_manifest(node, stage, fingerprint, fingerprints, shards), **stage.finalize(shards)}
-    write_stage_index(fs, out_path, manifest, shards if stage.sharded else [])
-    write_pointer(fs, join(root_path, node.name), fingerprint)
+    out_path = join(root_path, node.name, fingerprints[node.name])
+    if not forced and (summary := _up_to_date(fs, node, out_path, cfg)):
+        return summary
+    planned = planned_fingerprint(node, cfg, fingerprints)
+    history = incremental.earlier_outputs(fs, join(root_path, node.name), exclude=planned.value)
+    reason = explain.why(fs, node.name, planned, history, out_path, forced)
+    if cfg.get("dry_run"):
+        return NodeSummary(node.name, "would run", 0, 0, 0, 0.0, reason=reason)
+    with hold(fs, out_path, build_config(LeaseConfig, cfg.get("lease"), "lease"), node.name) as lease:
+        if not (forced and not lease.waited) and (summary := _up_to_date(fs, node, out_path, cfg)):
+            summary.reason = "committed by a concurrent run"  # while this run waited for, or raced to, the lease
+            return summary
+        summary, manifest, shards = _execute(node, cfg, fingerprints, fs, out_path, planned, history, forced,
+                                             executor_kind)
+        lease.check()
+        _publish(fs, root_path, node, out_path, planned, manifest, shards)
+    summary.reason = reason
     return summary
 
 
-def _run_shards(stage: Stage, node: dag.Node, fs: fsspec.AbstractFileSystem, out_path: str, fingerprint: str,
-                forced: bool, executor_kind: str, retry_failed: bool = False) -> list[ShardDone]:
-    """Run the shards without a valid done-marker (and, with `retry_failed`, those that recorded failed samples);
-    return every shard's marker in plan order."""
+def _up_to_date(fs: fsspec.AbstractFileSystem, node: dag.Node, out_path: str,
+                cfg: Mapping[str, Any]) -> NodeSummary | None:
+    """The "up to date" summary when the output's manifest exists (and `retry_failed` has nothing to redo)."""
+    if not fs.exists(join(out_path, MANIFEST_NAME)):
+        return None
+    existing = StageOutput(fs.unstrip_protocol(out_path))
+    if cfg.get("retry_failed") and existing.manifest["num_failed"]:
+        return None
+    return NodeSummary(node.name, "up to date", existing.num_samples, existing.manifest["num_failed"],
+                       len(existing.manifest["shards"]), 0.0)
+
+
+def _execute(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, str], fs: fsspec.AbstractFileSystem,
+             out_path: str, planned: NodeFingerprint, history: list[dict[str, Any]], forced: bool,
+             executor_kind: str) -> tuple[NodeSummary, dict[str, Any], list[ShardDone]]:
+    """Run the node's work; returns its summary, its manifest and its shards' markers (not yet published)."""
+    if executor_kind == "ray":  # only nodes with work start Ray: an up-to-date run stays fast
+        init_ray(cfg.get("ray") or {})
+    started = time.perf_counter()
+    root_path = out_path.rsplit("/", 2)[0]
+    upstream = {port: StageOutput(fs.unstrip_protocol(join(root_path, up, fingerprints[up])))
+                for port, up in node.inputs.items()}
+    context = StageContext(node=node.name, seed=int(cfg["seed"]), config=node.config, upstream=upstream,
+                           output_url=fs.unstrip_protocol(out_path), fingerprint=planned.value,
+                           executor=executor_kind)
+    stage = dag.stage_class(node.kind)(context)
+    if not stage.sharded:
+        extra = stage.run_unsharded()
+        summary = NodeSummary(node.name, "ran", int(extra.get("num_samples", 0)), 0, 0, time.perf_counter() - started)
+        return summary, {**_manifest(node, stage, planned, cfg, fingerprints, [], {}), **extra}, []
     plans = stage.plan()
+    extra = planned.inputs.extra if planned.inputs else ""
+    digests = {plan.index: incremental.items_digest(plan.items, extra) for plan in plans}
+    shards, reused = _run_shards(stage, node, fs, out_path, plans, digests, history, planned, forced, executor_kind,
+                                 bool(cfg.get("retry_failed", False)))
+    summary = NodeSummary(node.name, "ran", sum(d.count for d in shards), sum(d.failed for d in shards),
+                          len(shards), time.perf_counter() - started, reused)
+    _check_failure_ratio(summary, float(cfg.get("max_failure_ratio", 0.0)))
+    manifest = {**_manifest(node, stage, planned, cfg, fingerprints, shards, digests), **stage.finalize(shards)}
+    return summary, manifest, shards
+
+
+def _publish(fs: fsspec.AbstractFileSystem, root_path: str, node: dag.Node, out_path: str, planned: NodeFingerprint,
+             manifest: dict[str, Any], shards: list[ShardDone]) -> None:
+    """inputs.parquet, sizes.json, _info.json, then the manifest (atomically replaced), then the pointer."""
+    incremental.write_inputs(fs, out_path, planned.inputs)
+    write_stage_index(fs, out_path, manifest, shards)
+    write_pointer(fs, join(root_path, node.name), planned.value)
+
+
+def _run_shards(stage: Stage, node: dag.Node, fs: fsspec.AbstractFileSystem, out_path: str, plans: list[ShardPlan],
+                digests: Mapping[int, str], history: list[dict[str, Any]], planned: NodeFingerprint, forced: bool,
+                executor_kind: str, retry_failed: bool = False) -> tuple[list[ShardDone], int]:
+    """Run the shards that are neither done here (a valid done-marker; with `retry_failed`, one without failed
+    samples) nor reusable from the newest earlier output of the same base; return every shard's marker in plan
+    order and the number of samples not computed now."""
+    fingerprint = planned.value
     done: dict[int, ShardDone] = {}
     if not forced:
         for plan in plans:
             marker = read_done(fs, out_path, plan.index, fingerprint)
             if marker is not None and not (retry_failed and marker.failed):
                 done[plan.index] = marker
+        source = incremental.same_base(history, planned.base)
+        done |= incremental.reuse_shards(fs, source, [p for p in plans if p.index not in done], digests, out_path,
+                                         fingerprint, retry_failed)
+    reused = sum(d.count for d in done.values())
     todo = [plan for plan in plans if plan.index not in done]
     resources = build_config(Resources, node.config.get("resources") or {}, f"{node.name}.resources")
     if todo:
         log.info("%s: %d of %d shards to run (%d already done)", node.name, len(todo), len(plans), len(done))
         make_executor(executor_kind).run(type(stage), stage.context, todo, resources,
                                          lambda d: done.__setitem__(int(d.shard), d))
-    return [done[plan.index] for plan in plans]
+    return [done[plan.index] for plan in plans], reused
 
 
 def _check_failure_ratio(summary: NodeSummary, max_ratio: float) -> None:
@@ -188,14 +253,18 @@ def _check_failure_ratio(summary: NodeSummary, max_ratio: float) -> None:
             f"max_failure_ratio={max_ratio}; the reasons are in the shards' .parquet sidecars (status == 'failed')")
 
 
-def _manifest(node: dag.Node, stage: Stage, fingerprint: str, fingerprints: Mapping[str, str],
-              shards: list[ShardDone]) -> dict[str, Any]:
+def _manifest(node: dag.Node, stage: Stage, planned: NodeFingerprint, cfg: Mapping[str, Any],
+              fingerprints: Mapping[str, str], shards: list[ShardDone], digests: Mapping[int, str]) -> dict[str, Any]:
+    inputs = planned.inputs
     return {
-        "node": node.name, "kind": node.kind, "fingerprint": fingerprint, "schema": stage.schema,
-        "code_version": stage.code_version, "config": node.config, "identities": stage.identities(),
+        "node": node.name, "kind": node.kind, "fingerprint": planned.value, "base": planned.base,
+        "schema": stage.schema, "code_version": stage.code_version, "config": node.config, "seed": cfg["seed"],
+        "identities": stage.identities(),
+        "input": None if inputs is None else {"digest": inputs.digest, "extra": inputs.extra,
+                                              "items": len(inputs.items)},
         "upstream": {port: {"node": up, "fingerprint": fingerprints[up]} for port, up in node.inputs.items()},
         "shards": [{"name": f"{d.shard}.tar", "count": d.count, "failed": d.failed, "sha256": d.sha256,
-                    "bytes": d.bytes} for d in shards],
+                    "bytes": d.bytes, "items": digests.get(int(d.shard), "")} for d in shards],
         "num_samples": sum(d.count for d in shards), "num_failed": sum(d.failed for d in shards),
         "versions": _versions(), **stage.manifest_extra(),
     }
@@ -246,24 +315,36 @@ def run(cfg: Mapping[str, Any]) -> list[NodeSummary]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; exit codes: 0 ok, 1 failure ratio exceeded, 2 bad configuration or missing input."""
+    """CLI entry point; exit codes: 0 ok, 1 failure ratio exceeded, 2 bad configuration or missing input,
+    3 another run holds an output's lease (with `lease.wait_s` spent)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import yaml
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     preset, overrides = parse_argv(sys.argv[1:] if argv is None else argv)
+    raw = None
     try:
-        cfg = compose(preset, overrides)
+        raw = compose_config(preset, overrides)
+        cfg = OmegaConf.to_container(raw, resolve=True)
+        build_config(LeaseConfig, cfg.get("lease"), "lease")  # the run-level knobs fail before any work too
         started = time.perf_counter()
         summaries = run(cfg)
-    except (ConfigError, HydraException, OmegaConfBaseException) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ConfigError, HydraException, OmegaConfBaseException, yaml.YAMLError) as error:
+        print(f"error: {error}{config_hint(error, raw, overrides)}", file=sys.stderr)
         return 2
     except FailureRatioExceeded as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except (LeaseHeld, LeaseLost) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    if cfg.get("dry_run"):
+        print(f"dry run: {len(summaries)} stage(s) checked, nothing written", flush=True)
+        return 0
     print(f"done: {len(summaries)} stage(s) in {time.perf_counter() - started:.1f} s; outputs under "
           f"{output_root(cfg)}", flush=True)
     return 0

@@ -8,7 +8,10 @@ Layout of one stage output (design contract 3)::
                             extensions sorted, fixed mtime/uid/gid/mode, so equal samples give equal bytes
         000000.parquet      sidecar, one row per input sample: key, source, status, error, seconds
         000000.done.json    done-marker, written last: count, failed, sha256, bytes, fingerprint
-        manifest.json       shards, counts, checksums, fingerprint, resolved config, versions, vocabulary
+        inputs.parquet      the input items' identities (name, identity) for `dry_run` explanations
+        manifest.json       shards (with their input items' digest), counts, checksums, fingerprint and its base,
+                            resolved config, versions, vocabulary
+        _lease.json         only while a run writes here: owner, host, pid, heartbeat (`pipeline.lease`)
         sizes.json          {"000000.tar": n, ...}                      (open_clip's format)
         _info.json          {"name", "splits": {"train": {...}}}        (timm's format)
 
@@ -186,8 +189,43 @@ def commit_shard(
         sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), fingerprint=fingerprint, seconds=seconds,
         extra=extra or {},
     )
-    write_atomic(fs, join(stage_dir, f"{name}.done.json"), json.dumps(asdict(done), indent=1).encode())
+    _write_done(fs, stage_dir, done)
     return done
+
+
+def _write_done(fs: fsspec.AbstractFileSystem, stage_dir: str, done: ShardDone) -> None:
+    write_atomic(fs, join(stage_dir, f"{done.shard}.done.json"), json.dumps(asdict(done), indent=1).encode())
+
+
+def reuse_shard(fs: fsspec.AbstractFileSystem, source_dir: str, source: ShardDone, stage_dir: str, index: int,
+                fingerprint: str) -> ShardDone:
+    """Publish a committed shard of another output of the same node as shard `index` of `stage_dir`.
+
+    The tar and sidecar are hard-linked on local disks (every write here replaces files by rename, so a link never
+    sees a later change) and copied elsewhere (server-side on object stores); the done-marker, with the new name
+    and fingerprint and the source's counts, checksum and `extra` aggregates, is written last as always.
+    """
+    name = shard_name(index)
+    for suffix in (".tar", ".parquet"):
+        _link_or_copy(fs, join(source_dir, f"{source.shard}{suffix}"), join(stage_dir, f"{name}{suffix}"))
+    done = ShardDone(**{**asdict(source), "shard": name, "fingerprint": fingerprint})
+    _write_done(fs, stage_dir, done)
+    return done
+
+
+def _link_or_copy(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
+    if _is_local(fs):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp-{os.getpid()}"
+        try:
+            os.link(source, tmp)
+        except OSError:  # another device, or a filesystem without hard links
+            with open(source, "rb") as handle:
+                write_atomic(fs, target, handle.read())
+            return
+        os.replace(tmp, target)
+    else:
+        fs.copy(source, target)
 
 
 def read_done(fs: fsspec.AbstractFileSystem, stage_dir: str, index: int, fingerprint: str) -> ShardDone | None:

@@ -2,7 +2,7 @@
 
 Lifecycle of one stage run (driver, then workers):
 
-    driver:  stage = Kind(context); stage.identities(); plans = stage.plan()
+    driver:  stage = Kind(context); stage.identities(); stage.input_identity(); plans = stage.plan()
     worker:  stage.setup()                                  once per task (CPU) or per actor (model stages)
              for each batch of stage.iter_loaded(plan):     prefetched in a thread: decoding overlaps compute
                  outputs = stage.process_batch(loaded)      one SampleOutput per item, failures included;
@@ -26,12 +26,20 @@ A stage's knobs are the fields of its `Config` dataclass; the node's YAML mirror
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from pipeline.config import build_config
+from pipeline.config import ConfigError, build_config, checked_adapter
 from pipeline.shards import SampleOutput, ShardDone, StageOutput
+
+if TYPE_CHECKING:
+    from pipeline.data.records import InputIdentity
+
+
+LOCATION_KEYS = ("root", "annotation_file", "urls", "image_root")
+"""The `data:` keys that say where an adapter's files are, named first when they are missing."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,27 @@ class Stage:
         """Identities of non-stage inputs (weights, vocabulary content) for the fingerprint; driver side."""
         return {}
 
+    def input_identity(self) -> InputIdentity | None:
+        """The listing identity of the node's input adapter (its `data:` mapping) for the fingerprint; driver side.
+
+        One listing per folder, never image bytes (the adapters' `input_identity`). None for stages without a
+        `data:` adapter (their inputs are their config, seed and upstream outputs). Uses the stage's `adapter`
+        attribute when it has built one, else builds it with the stage's `vocab`.
+
+        Raises:
+            ConfigError: The data is missing (no such folder, no matching file), naming `<node>.data.<key>`.
+        """
+        data = self.context.config.get("data")
+        if not isinstance(data, Mapping) or not data:
+            return None
+        node = self.context.node
+        adapter = getattr(self, "adapter", None) or checked_adapter(data, getattr(self, "vocab", None), node)
+        try:
+            return adapter.input_identity()
+        except (OSError, ValueError) as error:
+            where = next((f"{node}.data.{key}={data[key]!r}" for key in LOCATION_KEYS if data.get(key)), f"{node}.data")
+            raise ConfigError(f"{where}: {error}; point it at the data (it must exist before the run)") from None
+
     def plan(self) -> list[ShardPlan]:
         """Split the work into shards; driver side, cheap (no decoding, no models)."""
         raise NotImplementedError
@@ -150,8 +179,54 @@ class Stage:
         return {}
 
 
+CDC_MIN_SHARDS = 4
+"""Keyed inputs shorter than this many shards are cut into equal runs (as small inputs always were); longer ones by
+content, so that inserting or deleting one item rewrites O(1) shards instead of every shard after it."""
+
+
 def shard_plans(items: Sequence[Any], per_shard: int) -> list[ShardPlan]:
-    """Consecutive runs of `per_shard` items as shards 0, 1, ...; the one place work is cut into shards."""
+    """Cut `items` (in their given, sorted order) into shards 0, 1, ...; the one place work is cut into shards.
+
+    Items with a sample key (`ItemRef`s, or tuples whose first element is one) of at least `CDC_MIN_SHARDS`
+    shards' worth get content-defined boundaries (`content_defined_cuts`): a shard's membership depends only on
+    its own keys and its neighbours', so a from-scratch run and an incremental run over the same items cut the same
+    shards and an insertion or deletion changes one or two of them. Anything else (wordgrid's sample indices,
+    small inputs) is cut into consecutive runs of `per_shard`, which appending never disturbs.
+
+    Shard names are their index in key order (`pipeline.shards.shard_name`): deterministic from the inputs. An
+    insertion that splits a shard renumbers the shards after it; their contents, and so their bytes, stay the same.
+    """
     per_shard = max(1, int(per_shard))
-    return [ShardPlan(index, tuple(items[start:start + per_shard]))
-            for index, start in enumerate(range(0, len(items), per_shard))]
+    keys = [_sample_key(item) for item in items]
+    if len(keys) >= CDC_MIN_SHARDS * per_shard and all(key is not None for key in keys):
+        ends = content_defined_cuts(keys, per_shard)
+    else:
+        ends = list(range(per_shard, len(keys), per_shard)) + ([len(keys)] if len(keys) else [])
+    starts = [0, *ends[:-1]]
+    return [ShardPlan(index, tuple(items[start:end])) for index, (start, end) in enumerate(zip(starts, ends))]
+
+
+def content_defined_cuts(keys: Sequence[str], per_shard: int) -> list[int]:
+    """End offsets of content-defined shards over sorted `keys`: a shard ends after a key whose hash hits
+    1 / (per_shard - min + 1), once it holds at least min = per_shard // 4 keys, or when it reaches 4 * per_shard;
+    mean size ≈ per_shard. Returns the exclusive end index of every shard, the last one being len(keys)."""
+    minimum, maximum = max(1, per_shard // 4), 4 * per_shard
+    rate = per_shard - minimum + 1
+    ends, size = [], 0
+    for offset, key in enumerate(keys, start=1):
+        size += 1
+        hit = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") % rate == 0
+        if (size >= minimum and hit) or size >= maximum:
+            ends.append(offset)
+            size = 0
+    if size:
+        ends.append(len(keys))
+    return ends
+
+
+def _sample_key(item: Any) -> str | None:
+    """The sample key of a plan item (`.key`, or the `.key` of a tuple's first element); None for indices."""
+    key = getattr(item, "key", None)
+    if key is None and isinstance(item, tuple) and item:
+        key = getattr(item[0], "key", None)
+    return key if isinstance(key, str) else None

@@ -153,3 +153,20 @@ def test_weight_paths_do_not_enter_fingerprints_but_weight_content_does(tmp_path
     same = stage_fingerprint("train", "1", config, {}, {"clip": "sha256:abc"})
     assert same == stage_fingerprint("train", "1", moved, {}, {"clip": "sha256:abc"})
     assert same != stage_fingerprint("train", "1", config, {}, {"clip": "sha256:def"})
+
+
+def test_force_publishes_a_new_manifest_without_deleting_the_one_others_read(tmp_path, monkeypatch):
+    import pipeline.run as runner
+
+    run(config(tmp_path))
+    [manifest] = (tmp_path / "wordgrid").glob("*/manifest.json")
+    seen, real = [], runner.make_executor
+
+    def watching(kind):  # the executor starts when the forced shards are recomputed
+        seen.append(manifest.exists())
+        return real(kind)
+
+    monkeypatch.setattr(runner, "make_executor", watching)
+    [summary] = run(config(tmp_path, "force=[wordgrid]"))
+    assert (summary.status, summary.reason, summary.reused) == ("ran", "forced", 0)
+    assert seen == [True] and manifest.exists()

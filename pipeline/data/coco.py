@@ -24,16 +24,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.data.images import DEFAULT_MAX_PIXELS
-from pipeline.data.listing import join_url, read_text
+from pipeline.data.listing import folder_listing, join_url, read_text
 from pipeline.data.records import (
     ImageRecord,
+    InputIdentity,
     ItemRef,
     check_unique_keys,
     failed_record,
     load_image_record,
+    refs_identity,
     resolve_vocab,
     sanitize_key,
 )
+from pipeline.fingerprint import digest
 
 if TYPE_CHECKING:
     from pipeline.data.vocab import Vocabulary
@@ -173,16 +176,29 @@ class COCOAdapter:
         return mapping
 
     def list_items(self) -> list[ItemRef]:
-        """One item per JSON image, sorted by key; ``extra = (image_id,)``."""
+        """One item per JSON image, sorted by key; ``extra = (image_id,)``.
+
+        ``version`` = the image file's listing version (one ``find`` of ``image_root``) and a digest of the image's
+        JSON entry and its annotations, so editing one image's annotations changes only that item.
+        """
+        data = self._load()
+        files = {rel: version for rel, (_, version) in folder_listing(self.image_root).items()}
         refs = []
-        for image in self._load()["images"]:
+        for image in data["images"]:
             stem = posixpath.splitext(posixpath.basename(image["file_name"]))[0]
             key = sanitize_key(f"{self.name}_{self.split}_{stem}" if self.split else f"{self.name}_{stem}")
             label_source = self.annotation_file if self.with_labels else None
-            refs.append(ItemRef(key, join_url(self.image_root, image["file_name"]), label_source, (image["id"],)))
+            annotations = data["annotations_by_image"].get(image["id"], []) if self.with_labels else []
+            version = f"{files.get(posixpath.normpath(image['file_name']), 'missing')}|{digest([image, annotations])}"
+            refs.append(ItemRef(key, join_url(self.image_root, image["file_name"]), label_source, (image["id"],),
+                                version))
         refs.sort(key=lambda ref: ref.key)
         check_unique_keys(refs)
         return refs
+
+    def input_identity(self) -> InputIdentity:
+        """Per image: file listing version + its annotations' digest; adapter-wide: the category table."""
+        return refs_identity(self.list_items(), digest(self._load()["categories"]))
 
     def draw_label(self, image_id: int) -> tuple[np.ndarray, list[str]]:
         """Rasterise all annotations of one image.

@@ -6,8 +6,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline.data.images import DEFAULT_MAX_PIXELS
-from pipeline.data.listing import list_files
-from pipeline.data.records import ImageRecord, ItemRef, check_unique_keys, hashed_key, load_image_record, resolve_vocab
+from pipeline.data.listing import list_files_versioned
+from pipeline.data.records import (
+    ImageRecord,
+    InputIdentity,
+    ItemRef,
+    check_unique_keys,
+    hashed_key,
+    load_image_record,
+    refs_identity,
+    resolve_vocab,
+)
 
 if TYPE_CHECKING:
     from pipeline.data.vocab import Vocabulary
@@ -45,18 +54,22 @@ class FolderAdapter:
         self.extensions = tuple(self.extensions)
 
     def list_items(self) -> list[ItemRef]:
-        """Image files sorted by key.
+        """Image files sorted by key, each with its listing version (one ``find`` of ``root``).
 
         Raises:
             FileNotFoundError: When no image file is found under ``root``.
         """
-        files = list_files(self.root, self.extensions, recursive=self.recursive)
+        files = list_files_versioned(self.root, self.extensions, recursive=self.recursive)
         if not files:
             raise FileNotFoundError(f"folder: no files ending in {self.extensions} under {self.root}")
-        refs = sorted((ItemRef(hashed_key(self.name, rel), source) for rel, source in files.items()),
-                      key=lambda ref: ref.key)
+        refs = sorted((ItemRef(hashed_key(self.name, rel), source, version=version)
+                       for rel, (source, version) in files.items()), key=lambda ref: ref.key)
         check_unique_keys(refs)
         return refs
+
+    def input_identity(self) -> InputIdentity:
+        """One identity per image: path, size and mtime/ETag from the listing."""
+        return refs_identity(self.list_items())
 
     def load(self, ref: ItemRef) -> ImageRecord:
         """Decode one image (``label`` stays None); never raises on bad data."""

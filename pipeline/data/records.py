@@ -11,11 +11,13 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_bytes
+from pipeline.fingerprint import digest
 
 if TYPE_CHECKING:
     from pipeline.data.vocab import Vocabulary
@@ -35,12 +37,46 @@ class ItemRef:
         source: Path or fsspec URL of the image (for the ``shards`` adapter: ``"<tar url>#<member>"``).
         label_source: Path or URL of the label file, or None when there is none.
         extra: Adapter-specific, picklable values (e.g. the COCO image id, tar member offsets).
+        version: The item's listing identity: :func:`pipeline.data.listing.file_version` of its files (size and
+            ETag or mtime; the image's, then the label's) and, for annotation-file datasets, a digest of the
+            item's own annotations. Enters the node's fingerprint; never computed from image bytes.
     """
 
     key: str
     source: str
     label_source: str | None = None
     extra: tuple = ()
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class InputIdentity:
+    """What an input adapter contributes to its node's fingerprint (design contract 2), from listings only.
+
+    Attributes:
+        items: Item name -> identity (:func:`ref_identity`'s 16 hex digits, or a tar's checksum / listing version),
+            sorted by name. Names are sample keys, except for the ``shards`` adapter, whose items are its tar files
+            (their samples are only known by reading them).
+        extra: Digest of what every item depends on (e.g. a COCO JSON's category list); "" when nothing.
+    """
+
+    items: dict[str, str]
+    extra: str = ""
+
+    @cached_property
+    def digest(self) -> str:
+        """16 hex digits over ``extra`` and every (name, identity) pair."""
+        return digest({"extra": self.extra, "items": sorted(self.items.items())})
+
+
+def ref_identity(ref: ItemRef) -> str:
+    """An item's identity: its sources, listing version and adapter extras (not its key, which names it)."""
+    return digest([ref.source, ref.label_source, ref.version, list(ref.extra)])
+
+
+def refs_identity(refs: Sequence[ItemRef], extra: str = "") -> InputIdentity:
+    """The :class:`InputIdentity` of adapters whose items are their refs."""
+    return InputIdentity({ref.key: ref_identity(ref) for ref in sorted(refs, key=lambda r: r.key)}, extra)
 
 
 @dataclass
@@ -83,6 +119,10 @@ class Adapter(Protocol):
         """Load one item; bad data gives a record with ``error`` set instead of raising."""
         ...
 
+    def input_identity(self) -> InputIdentity:
+        """Listing identity of every item (one listing per folder, small annotation files; no image bytes)."""
+        ...
+
 
 def sanitize_key(text: str) -> str:
     """Replace every run of characters outside ``[A-Za-z0-9_-]`` by ``_`` (e.g. ``"a/b.c"`` -> ``"a_b_c"``)."""
@@ -91,9 +131,9 @@ def sanitize_key(text: str) -> str:
 
 def hashed_key(prefix: str, relative_path: str) -> str:
     """Key from a relative path plus an 8-hex-digit SHA-1 suffix of the path, unique even after sanitising."""
-    digest = hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:8]
+    path_hash = hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:8]
     stem = relative_path.rsplit(".", 1)[0] if "." in relative_path.rsplit("/", 1)[-1] else relative_path
-    return sanitize_key(f"{prefix}_{stem}") + f"_{digest}"
+    return sanitize_key(f"{prefix}_{stem}") + f"_{path_hash}"
 
 
 def check_unique_keys(refs: Sequence[ItemRef]) -> None:

@@ -17,12 +17,14 @@ import numpy as np
 
 from pipeline.data import labels as label_ids
 from pipeline.data.images import DEFAULT_MAX_PIXELS, read_label_png
-from pipeline.data.listing import join_url, list_files, read_text
+from pipeline.data.listing import folder_listing, join_url, list_files_versioned, read_text
 from pipeline.data.records import (
     ImageRecord,
+    InputIdentity,
     ItemRef,
     check_unique_keys,
     load_image_record,
+    refs_identity,
     resolve_vocab,
     sanitize_key,
 )
@@ -103,27 +105,42 @@ class PairedSemsegAdapter:
             pairs.append(("", stem))
         return pairs
 
-    def _stems_from_listing(self) -> list[tuple[str, str]]:
-        images = list_files(self._dir(self.image_dir), (self.image_suffix,), recursive=self.recursive)
+    def _image_entries(self) -> list[tuple[str, str, str]]:
+        """``(relative dir, stem, image version)`` of every item: the list file's names or the image listing."""
+        image_root = self._dir(self.image_dir)
+        if self.list_file:
+            versions = {rel: version for rel, (_, version) in folder_listing(image_root, recursive=False).items()}
+            return [(rel_dir, stem, versions.get(stem + self.image_suffix, "missing"))
+                    for rel_dir, stem in self._stems_from_list_file()]
+        images = list_files_versioned(image_root, (self.image_suffix,), recursive=self.recursive)
         if not images:
-            raise FileNotFoundError(f"{self.name}: no '*{self.image_suffix}' files under {self._dir(self.image_dir)}")
-        return [(posixpath.dirname(rel), posixpath.basename(rel)[: -len(self.image_suffix)]) for rel in images]
+            raise FileNotFoundError(f"{self.name}: no '*{self.image_suffix}' files under {image_root}")
+        return [(posixpath.dirname(rel), posixpath.basename(rel)[: -len(self.image_suffix)], version)
+                for rel, (_, version) in images.items()]
 
     def list_items(self) -> list[ItemRef]:
-        """Image/label pairs sorted by key; cheap (one or two folder listings, nothing decoded).
+        """Image/label pairs sorted by key; cheap (one listing of the image and of the label folder, or the list
+        file and the image folder; nothing decoded). ``version`` holds the image's and the label's listing version.
 
         Raises:
             FileNotFoundError: When the image folder has no matching files (a wrong root or split).
         """
-        pairs = self._stems_from_list_file() if self.list_file else self._stems_from_listing()
         image_root, label_root = self._dir(self.image_dir), self._dir(self.label_dir)
+        labels = folder_listing(label_root, recursive=self.recursive) if self.with_labels else {}
         refs = []
-        for rel_dir, stem in pairs:
-            label = join_url(label_root, rel_dir, stem + self.label_suffix) if self.with_labels else None
-            refs.append(ItemRef(self._key(stem), join_url(image_root, rel_dir, stem + self.image_suffix), label))
+        for rel_dir, stem, version in self._image_entries():
+            label_rel = posixpath.join(rel_dir, stem + self.label_suffix)
+            label = join_url(label_root, label_rel) if self.with_labels else None
+            label_version = labels.get(label_rel, ("", "missing"))[1] if self.with_labels else ""
+            refs.append(ItemRef(self._key(stem), join_url(image_root, rel_dir, stem + self.image_suffix), label,
+                                version=f"{version}|{label_version}"))
         refs.sort(key=lambda ref: ref.key)
         check_unique_keys(refs)
         return refs
+
+    def input_identity(self) -> InputIdentity:
+        """One identity per image/label pair from the listings (paths, sizes, mtimes/ETags)."""
+        return refs_identity(self.list_items())
 
     def decode_label(self, data: bytes) -> tuple[np.ndarray, list[str]]:
         """Label bytes -> ``(HxW train ids of vocab.label_dtype, notes)``.

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.data.records import ImageRecord, ItemRef, failed_record, resolve_vocab
+from pipeline.data.records import ImageRecord, InputIdentity, ItemRef, failed_record, refs_identity, resolve_vocab
 from pipeline.data.vocab import Vocabulary
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -312,6 +312,10 @@ class ToyWorldAdapter:
                     source=f"toyworld://{self.split}/{index}?size={self.size}&seed={self.seed}")
             for index in range(self.num_images)
         ]
+
+    def input_identity(self) -> InputIdentity:
+        """The world is its config: one identity per scene from its source URL (split, index, size, seed)."""
+        return refs_identity(self.list_items())
 
     def load(self, ref: ItemRef) -> ImageRecord:
         """Render the scene named by ``ref.source``; a malformed source becomes a record with ``error`` set."""

@@ -1,8 +1,9 @@
 """Vocabularies: class names, prompt-name variants, seen/unseen splits and coarse groups, as data.
 
-A vocabulary lives in ``conf/vocab/<name>.yaml`` (schema in ``conf/vocab/README.md``) and is loaded into an
-immutable :class:`Vocabulary`. The list index of a class is its *train id*: the value written into label maps
-(uint8 with ``ignore_index`` 255, or uint16 with 65535 when a vocabulary has more than 255 classes).
+A vocabulary lives in ``conf/vocabularies/<name>.yaml`` (schema in ``conf/vocabularies/README.md``) and is loaded
+into an immutable :class:`Vocabulary`. The folder is not named ``vocab``: Hydra would take it for a config group and
+reject the top-level override ``vocab=voc_20``. The list index of a class is its *train id*: the value written into
+label maps (uint8 with ``ignore_index`` 255, or uint16 with 65535 when a vocabulary has more than 255 classes).
 
 Choices where the sources are silent:
     * A variant (e.g. ``ifseg``, ``maskclip``) names only the classes whose spelling differs; every other class
@@ -267,17 +268,17 @@ def _from_schema(data: Mapping[str, Any]) -> Vocabulary:
 
 
 def vocab_dir() -> Path:
-    """``<repo>/conf/vocab``, resolved from this file's location (independent of the working directory)."""
-    return Path(__file__).resolve().parents[2] / "conf" / "vocab"
+    """``<repo>/conf/vocabularies``, resolved from this file's location (independent of the working directory)."""
+    return Path(__file__).resolve().parents[2] / "conf" / "vocabularies"
 
 
 def list_vocabs() -> list[str]:
-    """Sorted names of the vocabularies shipped in ``conf/vocab``."""
+    """Sorted names of the vocabularies shipped in ``conf/vocabularies``."""
     return sorted(path.stem for path in vocab_dir().glob("*.yaml"))
 
 
 def load_vocab(name_or_path: str | Path) -> Vocabulary:
-    """Load a vocabulary by name (a file in ``conf/vocab``) or from a path to a YAML file.
+    """Load a vocabulary by name (a file in ``conf/vocabularies``) or from a path to a YAML file.
 
     Args:
         name_or_path: ``"coco_stuff_171"`` or ``"path/to/my_vocab.yaml"``. The file's ``name`` key must equal

@@ -8,6 +8,8 @@ extension is the rest (``"jpg"``, ``"label.png"``).
 
 from __future__ import annotations
 
+import json
+import posixpath
 import tarfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,9 +19,10 @@ import numpy as np
 
 from pipeline.data import labels as label_ids
 from pipeline.data.images import DEFAULT_MAX_PIXELS, read_label_png
-from pipeline.data.listing import list_files
+from pipeline.data.listing import folder_listing, join_url, list_files, read_text
 from pipeline.data.records import (
     ImageRecord,
+    InputIdentity,
     ItemRef,
     check_unique_keys,
     load_image_record,
@@ -62,6 +65,24 @@ def tar_members(url: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> d
                 raise UnsafeShardError(f"{url}: member {member.name!r} appears twice in sample {key!r}; refused")
             extensions[extension.lower()] = (member.name, member.offset_data, member.size)
     return samples
+
+
+def _by_folder(urls: list[str]) -> dict[str, dict[str, str]]:
+    """Folder -> {file name -> the URL as given}."""
+    folders: dict[str, dict[str, str]] = {}
+    for url in urls:
+        folder, name = posixpath.split(url)
+        folders.setdefault(folder, {})[name] = url
+    return folders
+
+
+def _manifest_checksums(folder: str) -> dict[str, str]:
+    """``{tar name: "sha256:<hex>"}`` from a segetl ``manifest.json`` in ``folder``; {} when there is none."""
+    try:
+        manifest = json.loads(read_text(join_url(folder, "manifest.json")))
+        return {shard["name"]: f"sha256:{shard['sha256']}" for shard in manifest["shards"]}
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def read_span(url: str, offset: int, size: int) -> bytes:
@@ -113,27 +134,45 @@ class ShardsAdapter:
         Raises:
             FileNotFoundError: When nothing matches.
         """
+        return sorted(self.tar_versions())
+
+    def tar_versions(self) -> dict[str, str]:
+        """Tar URL -> version: ``sha256:<hex>`` from a ``manifest.json`` beside the tars (a segetl stage output),
+        else the listing version (size and ETag/mtime; one ``find`` per folder, no per-file request).
+
+        Raises:
+            FileNotFoundError: When nothing matches.
+        """
         if not isinstance(self.urls, str):
-            return sorted(self.urls)
-        if any(char in self.urls for char in "*?["):
+            urls = list(self.urls)
+        elif any(char in self.urls for char in "*?["):
             fs, _ = fsspec.core.url_to_fs(self.urls)
-            found = sorted(fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
-                           for path in fs.glob(self.urls))
+            urls = [fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
+                    for path in fs.glob(self.urls)]
         elif self.urls.endswith(".tar"):
-            found = [self.urls]
+            urls = [self.urls]
         else:
-            found = list(list_files(self.urls, (".tar",), recursive=False).values())
-        if not found:
+            urls = list(list_files(self.urls, (".tar",), recursive=False).values())
+        if not urls:
             raise FileNotFoundError(f"shards: no tar files at {self.urls}")
-        return found
+        versions: dict[str, str] = {}
+        for folder, names in _by_folder(urls).items():
+            known = _manifest_checksums(folder) or {rel: v for rel, (_, v) in folder_listing(folder, False).items()}
+            versions |= {url: known.get(name, "missing") for name, url in names.items()}
+        return dict(sorted(versions.items()))
+
+    def input_identity(self) -> InputIdentity:
+        """One item per tar file (its samples are only known by reading it): the tar's checksum or listing version."""
+        return InputIdentity(self.tar_versions())
 
     def _pick(self, extensions: dict[str, MemberSpan], wanted: tuple[str, ...]) -> MemberSpan | None:
         return next((extensions[ext] for ext in wanted if ext in extensions), None)
 
     def list_items(self) -> list[ItemRef]:
-        """All samples of all shards, sorted by key (each tar is streamed once; nothing is decoded)."""
+        """All samples of all shards, sorted by key (each tar is streamed once; nothing is decoded); ``version`` is
+        the tar's (see :meth:`tar_versions`)."""
         refs = []
-        for url in self.tar_urls():
+        for url, version in self.tar_versions().items():
             if self.verify:
                 verify_shard(url)
             for key, extensions in tar_members(url, self.max_member_bytes).items():
@@ -141,7 +180,7 @@ class ShardsAdapter:
                 label = self._pick(extensions, self.label_extensions) if self.with_labels else None
                 source = f"{url}#{image[0] if image else key + '.<no image member>'}"
                 label_source = f"{url}#{label[0]}" if label else None
-                refs.append(ItemRef(sanitize_key(key), source, label_source, (url, image, label)))
+                refs.append(ItemRef(sanitize_key(key), source, label_source, (url, image, label), version))
         refs.sort(key=lambda ref: ref.key)
         check_unique_keys(refs)
         return refs

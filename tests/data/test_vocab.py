@@ -1,4 +1,4 @@
-"""Tests for the vocabulary files in conf/vocab and their loader (pipeline/data/vocab.py)."""
+"""Tests for the vocabulary files in conf/vocabularies and their loader (pipeline/data/vocab.py)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_list_vocabs_names_every_shipped_file() -> None:
     expected = {"coco_stuff_171", "coco_stuff_27", "coco_unseen_15", "ade20k_150", "voc_20", "voc_21"}
     expected |= {"pascal_context_59", "pascal_context_60", "cityscapes_19", "camvid_11", "toy"}
     assert expected <= set(list_vocabs())
-    assert vocab_dir() == REPO_ROOT / "conf" / "vocab"
+    assert vocab_dir() == REPO_ROOT / "conf" / "vocabularies"
 
 
 def test_coco_unseen_split_ids_and_names() -> None:
