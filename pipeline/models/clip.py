@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ class Clip:
         """Wrap an already built open_clip model; use `Clip.build` to construct one from a `ClipConfig`.
 
         `proxy` is the `pipeline.models.dinov2.Dinov2` whose patch features give ProxyCLIP's attention
-        (``cfg.dense == "proxyclip"`` only).
+        (``cfg.dense == "proxyclip"`` only); `Clip.build` puts it on the CLIP's device unless ``cfg.proxy.device``
+        names one.
         """
         import open_clip
 
@@ -107,7 +109,7 @@ class Clip:
         if cfg.dense == "proxyclip":
             from pipeline.models.dinov2 import Dinov2
 
-            proxy = Dinov2.build(cfg.proxy)
+            proxy = Dinov2.build(cfg.proxy if cfg.proxy.device != "auto" else replace(cfg.proxy, device=cfg.device))
         return cls(model, cfg, identity=clip_identity(cfg), proxy=proxy)
 
     @property
