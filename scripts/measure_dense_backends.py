@@ -20,6 +20,7 @@ from pipeline.shards import open_stage
 
 BACKENDS = ("maskclip", "sclip", "clearclip", "naclip", "proxyclip")
 REPO = Path(__file__).resolve().parents[1]
+SYNONYMS = REPO / "scripts" / "toy_synonyms.yaml"
 
 
 def dense_clip(backend: str, trained: bool) -> str:
@@ -29,17 +30,21 @@ def dense_clip(backend: str, trained: bool) -> str:
     return f"{{model_name:toy-vit,pretrained:{weights},dense:{backend}{proxy}}}"
 
 
-def measure(root: Path, backend: str, seed: int, images: int, trained: bool) -> dict:
+def measure(root: Path, backend: str, seed: int, images: int, trained: bool, vocab: str) -> dict:
     """One reduced demo run; returns pseudo-label coverage/mIoU and the baseline's mIoU/pAcc (percent)."""
     clip = dense_clip(backend, trained)
+    variant = ",name_variant:synonym" if vocab == "synonyms" else ""
     overrides = [
         f"output_root={root}", "executor=local", "stages=[pseudolabel,quality_eval]",
         f"toy.train_images={images}", f"+pseudolabel.data.seed={seed}", f"pseudolabel.samples_per_shard={images}",
         f"models.clip.dense={backend}", "+stage@quality_eval=eval", "quality_eval.num_report_samples=0",
         f"+quality_eval.data={{kind:toyworld,split:val,num_images:{images},size:128,seed:{seed}}}",
         "+quality_eval.protocol_overrides.short_side=128",
-        f"quality_eval.methods=[{{name:maskclip,kind:maskclip,templates:maskclip85,clip:{clip}}}]",
+        f"quality_eval.methods=[{{name:maskclip,kind:maskclip,templates:maskclip85,clip:{clip}{variant}}}]",
     ]
+    if vocab == "synonyms":  # same classes and ids, prompts from the renamed-synonym variant
+        overrides += [f"pseudolabel.vocab={SYNONYMS}", f"quality_eval.vocab={SYNONYMS}",
+                      "pseudolabel.name_variant=synonym"]
     if backend == "proxyclip":
         overrides.append("+models.clip.proxy={name:toy}")
     if not trained:
@@ -58,26 +63,29 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--images", type=int, default=12)
+    parser.add_argument("--vocab", default="toy", choices=("toy", "synonyms"),
+                        help="toy: official names; synonyms: scripts/toy_synonyms.yaml's renamed-synonym prompts")
     args = parser.parse_args()
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for backend in args.backends:
         for seed in args.seeds:
             for trained in (True, False):
-                key = f"toy/{backend}/seed{seed}/{'trained' if trained else 'floor'}"
+                key = f"{args.vocab}/{backend}/seed{seed}/{'trained' if trained else 'floor'}"
                 if key not in results:
-                    results[key] = measure(args.out / key, backend, seed, args.images, trained)
+                    results[key] = measure(args.out / key, backend, seed, args.images, trained, args.vocab)
                     args.out.mkdir(parents=True, exist_ok=True)
                     results_path.write_text(json.dumps(results, indent=1, sort_keys=True))
                 print(key, results[key], flush=True)
-    print_table(results, "toy", args.backends, args.seeds)
+    print_table(results, args.vocab, args.backends, args.seeds)
 
 
 def print_table(results: dict, vocab: str, backends: list[str], seeds: list[int]) -> None:
     """Markdown: per backend, trained mean over seeds (floor in parentheses) for each measured quantity."""
-    fields = ("pl_coverage", "pl_miou", "eval_miou", "eval_pacc")
-    print(f"| backend ({vocab}) | PL coverage % | PL mIoU (unlabelled = wrong) | baseline mIoU | baseline pAcc |")
-    print("|---|---|---|---|---|")
+    fields = ("pl_coverage", "pl_miou_labelled", "pl_miou", "eval_miou", "eval_pacc")
+    print(f"| backend ({vocab}) | PL coverage % | PL mIoU on labelled | PL mIoU (unlabelled = wrong) | baseline mIoU "
+          "| baseline pAcc |")
+    print("|---|---|---|---|---|---|")
     for backend in backends:
         cells = []
         for name in fields:

@@ -41,10 +41,14 @@ so no value resampling is needed and every backend returns features on CLIP's gr
 
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.nn.functional as F
 
-DENSE_BACKENDS = ("maskclip", "sclip", "clearclip", "naclip", "proxyclip")  # = configs.DenseBackend
+from pipeline.models.configs import DenseBackend
+
+DENSE_BACKENDS: tuple[str, ...] = typing.get_args(DenseBackend)
 
 
 def check_supported(visual: torch.nn.Module) -> None:
