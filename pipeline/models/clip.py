@@ -1,5 +1,5 @@
-"""open_clip CLIP wrapper: prompt-ensembled text features, CLS embeddings, MaskCLIP dense and sliding features
-(the latter batched across images).
+"""open_clip CLIP wrapper: prompt-ensembled text features, CLS embeddings, training-free dense features (MaskCLIP,
+SCLIP, ClearCLIP, NACLIP or ProxyCLIP, ``ClipConfig.dense``) and sliding features (batched across images).
 
 `Clip` composes an open_clip model (``Clip.model``) and never subclasses it. Weights come from
 `pipeline.models.checkpoints`: a local path or fsspec URL is loaded by our strict loader (so a wrong architecture
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from pipeline.models.checkpoints import (
     seeded_init,
 )
 from pipeline.models.configs import ClipConfig, clip_identity
-from pipeline.models.preprocess import CLIP_MEAN, CLIP_STD, to_normalized_tensor
+from pipeline.models.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
 from pipeline.models.sliding import ClipCanvas, SlidingFeatures, patch_centers
 
 __all__ = ["Clip", "ClipCanvas", "ClipConfig", "SlidingFeatures", "patch_centers", "register_open_clip_configs"]
@@ -59,11 +61,19 @@ def register_open_clip_configs() -> None:
 class Clip:
     """A frozen open_clip model plus the feature extractors the pipeline needs (all under ``torch.no_grad``)."""
 
-    def __init__(self, model: torch.nn.Module, cfg: ClipConfig, identity: str) -> None:
-        """Wrap an already built open_clip model; use `Clip.build` to construct one from a `ClipConfig`."""
+    def __init__(self, model: torch.nn.Module, cfg: ClipConfig, identity: str, proxy: Any = None) -> None:
+        """Wrap an already built open_clip model; use `Clip.build` to construct one from a `ClipConfig`.
+
+        `proxy` is the `pipeline.models.dinov2.Dinov2` whose patch features give ProxyCLIP's attention
+        (``cfg.dense == "proxyclip"`` only); `Clip.build` puts it on the CLIP's device unless ``cfg.proxy.device``
+        names one.
+        """
         import open_clip
 
+        if cfg.dense == "proxyclip" and proxy is None:
+            raise ValueError("dense=proxyclip needs the proxy model (Clip.build builds it from cfg.proxy)")
         self.model = model.eval()
+        self.proxy = proxy
         self.cfg = cfg
         self.identity = identity
         self.tokenizer = open_clip.get_tokenizer(cfg.model_name)
@@ -95,7 +105,12 @@ class Clip:
             )
         if local is not None:
             load_checked(model, local, arch=f"open_clip {cfg.model_name}", source="clip.pretrained")
-        return cls(model, cfg, identity=clip_identity(cfg))
+        proxy = None
+        if cfg.dense == "proxyclip":
+            from pipeline.models.dinov2 import Dinov2
+
+            proxy = Dinov2.build(cfg.proxy if cfg.proxy.device != "auto" else replace(cfg.proxy, device=cfg.device))
+        return cls(model, cfg, identity=clip_identity(cfg), proxy=proxy)
 
     @property
     def device(self) -> torch.device:
@@ -164,19 +179,48 @@ class Clip:
 
     @torch.no_grad()
     def dense_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """MaskCLIP patch features and CLS embeddings.
+        """Dense patch features of the configured backend (``cfg.dense``) and CLS embeddings.
 
         Args:
             pixels: [B, 3, H, W] CLIP-normalised, H and W multiples of `patch_size`.
 
         Returns:
-            (patch float32 [B, D, H/p, W/p], cls float32 [B, D]), both L2-normalised along D.
+            (patch float32 [B, D, H/p, W/p], cls float32 [B, D]), both L2-normalised along D. The CLS embedding is
+            the unmodified model's (`encode_image`) whatever the backend.
         """
         clip_dense.check_supported(self.model.visual)
+        pixels = pixels.to(self.device)
+        cfg = self.cfg
+        knobs = {"naclip_std": cfg.naclip_std, "proxy_beta": cfg.proxy_beta, "proxy_gamma": cfg.proxy_gamma}
+        if cfg.dense == "proxyclip":
+            knobs["proxy_features"] = self.proxy_features(pixels)
         cls, patch = clip_dense.visual_forward(
-            self.model.visual, pixels.to(self.device), dense=True, residual_mlp=self.cfg.dense_residual_mlp
+            self.model.visual, pixels, dense=True, residual_mlp=cfg.dense_residual_mlp, backend=cfg.dense, **knobs
         )
         return patch, cls
+
+    def proxy_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """ProxyCLIP's foundation-model features on CLIP's patch grid.
+
+        The CLIP-normalised pixels are mapped back to [0, 1], ImageNet-normalised and resized (bilinear, as ProxyCLIP
+        resizes its foundation-model inputs) to (h * q, w * q) with q the proxy's patch, so the proxy's grid is CLIP's
+        (h, w) = (H / p, W / p).
+
+        Args:
+            pixels: [B, 3, H, W] CLIP-normalised on this model's device.
+
+        Returns:
+            float32 [B, F, h, w] (not normalised) on this model's device.
+        """
+        def stats(values: Sequence[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+
+        unit = pixels.float() * stats(self.std) + stats(self.mean)
+        normalised = (unit - stats(IMAGENET_MEAN)) / stats(IMAGENET_STD)
+        grid = (pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
+        size = (grid[0] * self.proxy.patch_size, grid[1] * self.proxy.patch_size)
+        normalised = F.interpolate(normalised, size=size, mode="bilinear", align_corners=False)
+        return self.proxy.patch_features(normalised.to(self.proxy.device)).to(pixels.device)
 
     @torch.no_grad()
     def classify_crops(self, crops: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -208,7 +252,8 @@ class Clip:
 
     @torch.no_grad()
     def sliding_features(self, canvases: Sequence[ClipCanvas]) -> list[SlidingFeatures]:
-        """High-resolution MaskCLIP features of several images from overlapping crops, crops batched across images.
+        """High-resolution dense features (``cfg.dense``) of several images from overlapping crops, batched
+        across images.
 
         The crops of all canvases (in order) go through `dense_features` in chunks of ``cfg.image_batch_size``
         (crops of one call must share their side). Each crop runs at its own resolution with interpolated position

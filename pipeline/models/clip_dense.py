@@ -1,4 +1,4 @@
-"""CLIP ViT forward passes on open_clip's own modules: pooled CLS embedding and MaskCLIP dense patch features.
+"""CLIP ViT forward passes on open_clip's own modules: pooled CLS embedding and training-free dense patch features.
 
 MaskCLIP (Zhou et al. 2022; ``chongzhou96/MaskCLIP``, ``mmseg/models/backbones/vit.py``) makes CLIP's patch tokens
 text-compatible by replacing the last block's self-attention with its value path: the query/key projections are
@@ -19,12 +19,36 @@ Position embeddings are interpolated bicubically (``align_corners=False``, no an
 ``resize``) when the input grid differs from the model's native grid, so any input whose sides are multiples of the
 patch size works. open_clip's checkpoint ``resize_pos_embed`` defaults to ``antialias=True``, which differs slightly
 (~1e-4) near the grid border even when upsampling.
+
+Training-free successors rewire the same last block (``x`` its input, ``q, k, v`` the per-head projections of
+``ln_1(x)`` over all tokens, CLS included, ``s = head_dim ** -0.5``, ``O`` = ``out_proj`` after merging heads):
+
+    sclip     (Wang et al. 2024, ``wangf3014/SCLIP``): A = softmax(s q q^T) + softmax(s k k^T)  (a sum, rows sum to 2);
+              y = x + O(A v);  y = y + mlp(ln_2(y))       (the official code keeps the residual and the FFN)
+    clearclip (Lan et al. 2024, ``mc-lan/ClearCLIP``): A = softmax(s q q^T);  y = O(A v)   (no residual, no FFN)
+    naclip    (Hajimiri et al. 2025, ``sinahmr/NACLIP``, arch "reduced"): A = softmax(s k k^T + G);  y = O(A v),
+              G[i, j] = exp(-|p_i - p_j|^2 / (2 std^2)) over patch positions p (in patches), 0 in CLS rows/columns
+    proxyclip (Lan et al. 2024, ``mc-lan/ProxyCLIP``): f = L2-normalised patch features of a vision foundation model
+              on CLIP's patch grid; S = f f^T per image; S' = gamma (S - beta mean(S)), entries < 0 set to -inf
+              (the diagonal kept);
+              A = softmax(S') shared by all heads, over patch tokens only;  y = O(A v_patches)  (no residual, no FFN)
+
+and the patch features are ``ln_post(y) @ proj``, L2-normalised. Layer scale ``ls_1`` multiplies ``O(.)`` and ``ls_2``
+the FFN wherever the block has them. ProxyCLIP's official code resizes CLIP's values to the foundation model's grid;
+here the foundation model's input is resized so that its grid equals CLIP's (`pipeline.models.clip.Clip` does it),
+so no value resampling is needed and every backend returns features on CLIP's grid.
 """
 
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.nn.functional as F
+
+from pipeline.models.configs import DenseBackend
+
+DENSE_BACKENDS: tuple[str, ...] = typing.get_args(DenseBackend)
 
 
 def check_supported(visual: torch.nn.Module) -> None:
@@ -120,16 +144,111 @@ def project(visual: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return out @ visual.proj if visual.proj is not None else out
 
 
+def head_projections(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of ``ln_1(x)`` split into heads: x [B, L, W] -> three [B, H, L, W/H] tensors (biases included)."""
+    attn = block.attn
+    batch, length, width = x.shape
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(batch, length, 3, attn.num_heads, width // attn.num_heads).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+def merge_heads(block: torch.nn.Module, weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``ls_1(out_proj(A v))``: weights [B or 1, H or 1, L', L], v [B, H, L, d] -> [B, L', H*d]."""
+    out = (weights @ v).transpose(1, 2).flatten(2)
+    return block.ls_1(block.attn.out_proj(out))
+
+
+def self_attention(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(scale * t t^T)`` over the last axis: t [B, H, L, d] -> [B, H, L, L] (q-q or k-k attention)."""
+    return torch.softmax(scale * t @ t.transpose(-1, -2), dim=-1)
+
+
+def gaussian_prior(grid_hw: tuple[int, int], std: float) -> torch.Tensor:
+    """NACLIP's neighbourhood prior for CLS + h*w tokens.
+
+    Returns:
+        float32 [1 + h*w, 1 + h*w]: entry (i, j) between patches at (row, col) positions p_i, p_j is
+        ``exp(-|p_i - p_j|^2 / (2 std^2))``; the CLS row and column are 0.
+    """
+    rows, cols = torch.meshgrid(torch.arange(grid_hw[0]), torch.arange(grid_hw[1]), indexing="ij")
+    positions = torch.stack([rows.flatten(), cols.flatten()], dim=-1).float()
+    prior = torch.exp(-torch.cdist(positions, positions).square() / (2.0 * std * std))
+    return F.pad(prior, (1, 0, 1, 0))
+
+
+def proxy_attention(features: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """ProxyCLIP's attention from foundation-model patch features.
+
+    Args:
+        features: [B, F, h, w] patch features on CLIP's patch grid (any scale; normalised here).
+        beta: threshold as a multiple of each image's mean cosine similarity.
+        gamma: sharpness applied before the softmax.
+
+    Returns:
+        float32 [B, 1, h*w, h*w] rows summing to 1 (one map shared by all heads). The diagonal is never masked, so
+        a row whose similarities all fall below the threshold (nearly constant features, mean above 1/beta) attends
+        to itself instead of becoming NaN as in the official code; elsewhere the two agree.
+    """
+    tokens = F.normalize(features.float().flatten(2), dim=1)  # [B, F, N]
+    similarity = tokens.transpose(1, 2) @ tokens  # [B, N, N]
+    logits = gamma * (similarity - beta * similarity.mean(dim=(1, 2), keepdim=True))
+    below = (logits < 0) & ~torch.eye(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(below, float("-inf"))
+    return torch.softmax(logits, dim=-1)[:, None]
+
+
+def last_block_patches(
+    block: torch.nn.Module, x: torch.Tensor, backend: str, grid_hw: tuple[int, int], *,
+    residual_mlp: bool = True, naclip_std: float = 5.0, proxy_features: torch.Tensor | None = None,
+    proxy_beta: float = 1.2, proxy_gamma: float = 3.0,
+) -> torch.Tensor:
+    """Patch-token outputs [B, h*w, W] of the rewired last block for `backend` (equations in the module docstring).
+
+    Args:
+        block: open_clip ResidualAttentionBlock.
+        x: [B, 1 + h*w, W] input of the block, CLS first.
+        backend: one of `DENSE_BACKENDS`.
+        grid_hw: (h, w) patch grid.
+        residual_mlp: `value_path` knob (maskclip only).
+        naclip_std: Gaussian std in patches (naclip only).
+        proxy_features: [B, F, h, w] foundation-model features (proxyclip only).
+        proxy_beta, proxy_gamma: see `proxy_attention`.
+    """
+    if backend == "maskclip":
+        return value_path(block, x[:, 1:], residual_mlp)
+    q, k, v = head_projections(block, x)
+    scale = q.shape[-1] ** -0.5
+    if backend == "sclip":
+        weights = self_attention(q, scale) + self_attention(k, scale)
+        y = x + merge_heads(block, weights, v)
+        return (y + block.ls_2(block.mlp(block.ln_2(y))))[:, 1:]
+    if backend == "clearclip":
+        return merge_heads(block, self_attention(q, scale), v)[:, 1:]
+    if backend == "naclip":
+        prior = gaussian_prior(grid_hw, naclip_std).to(k)
+        return merge_heads(block, torch.softmax(scale * k @ k.transpose(-1, -2) + prior, -1), v)[:, 1:]
+    if backend == "proxyclip":
+        if proxy_features is None or tuple(proxy_features.shape[-2:]) != tuple(grid_hw):
+            raise ValueError(f"proxyclip needs proxy features on the {grid_hw} patch grid")
+        weights = proxy_attention(proxy_features, proxy_beta, proxy_gamma).to(v)
+        return merge_heads(block, weights, v[:, :, 1:])
+    raise ValueError(f"unknown dense backend {backend!r}; expected one of {DENSE_BACKENDS}")
+
+
 def visual_forward(
-    visual: torch.nn.Module, pixels: torch.Tensor, dense: bool, residual_mlp: bool = True
+    visual: torch.nn.Module, pixels: torch.Tensor, dense: bool, residual_mlp: bool = True,
+    backend: str = "maskclip", **backend_knobs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """CLS embedding and (optionally) MaskCLIP patch features, both L2-normalised, float32.
+    """CLS embedding and (optionally) dense patch features, both L2-normalised, float32.
 
     Args:
         visual: open_clip VisionTransformer accepted by `check_supported`.
         pixels: [B, 3, H, W] CLIP-normalised; H, W multiples of the patch size (any size; positions interpolated).
         dense: also compute patch features.
-        residual_mlp: see `value_path`.
+        residual_mlp: see `value_path` (maskclip only).
+        backend: one of `DENSE_BACKENDS` (see `last_block_patches`).
+        backend_knobs: `last_block_patches` keyword knobs (naclip_std, proxy_features, proxy_beta, proxy_gamma).
 
     Returns:
         (cls [B, D], patch [B, D, h, w] or None).
@@ -141,6 +260,6 @@ def visual_forward(
     cls = F.normalize(project(visual, last_out[:, 0]).float(), dim=-1)
     if not dense:
         return cls, None
-    patch = project(visual, value_path(blocks[-1], x[:, 1:], residual_mlp)).float()
-    patch = F.normalize(patch, dim=-1).transpose(1, 2).reshape(x.shape[0], -1, h, w)
-    return cls, patch
+    tokens = last_block_patches(blocks[-1], x, backend, (h, w), residual_mlp=residual_mlp, **backend_knobs)
+    patch = F.normalize(project(visual, tokens).float(), dim=-1)
+    return cls, patch.transpose(1, 2).reshape(x.shape[0], -1, h, w)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+DenseBackend = Literal["maskclip", "sclip", "clearclip", "naclip", "proxyclip"]  # `pipeline.models.clip_dense`
+
 
 @dataclass
 class ClipConfig:
@@ -22,7 +24,17 @@ class ClipConfig:
         force_quick_gelu: use QuickGELU (needed for OpenAI weights loaded from a file).
         init_seed: seed for random init (``pretrained=None``), so random-init builds are reproducible.
         dense_residual_mlp: MaskCLIP value path with residual + MLP (MaskCLIP code, default) or value projection
-            only (Seifi et al.'s wording); see `pipeline.models.clip_dense`.
+            only (Seifi et al.'s wording); see `pipeline.models.clip_dense`. Used by ``dense: maskclip`` only.
+        dense: training-free dense-feature backend, i.e. how CLIP's last block is rewired for patch features:
+            ``maskclip`` (value path), ``sclip`` (q-q + k-k correlative attention), ``clearclip`` (q-q attention,
+            no residual, no FFN), ``naclip`` (k-k attention + Gaussian neighbourhood prior, no residual, no FFN) or
+            ``proxyclip`` (attention from the `proxy` model's patch features on CLIP's values); see
+            `pipeline.models.clip_dense`. The CLS embedding never changes.
+        naclip_std: NACLIP's Gaussian standard deviation in patches (paper: 5).
+        proxy: the vision foundation model whose patch features give ProxyCLIP's attention (a DINOv2); required by
+            ``dense: proxyclip``, unused otherwise.
+        proxy_beta, proxy_gamma: ProxyCLIP's similarity threshold (times the mean similarity) and sharpness
+            (paper: 1.2 and 3.0).
         text_batch_size: prompts per text-encoder call (does not change results).
         image_batch_size: crops per image-encoder call in `Clip.sliding_features`, crops of several images sharing
             calls (does not change results).
@@ -35,8 +47,19 @@ class ClipConfig:
     force_quick_gelu: bool = False
     init_seed: int = 0
     dense_residual_mlp: bool = True
+    dense: DenseBackend = "maskclip"
+    naclip_std: float = 5.0
+    proxy: Dinov2Config | None = None
+    proxy_beta: float = 1.2
+    proxy_gamma: float = 3.0
     text_batch_size: int = 256
     image_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.dense == "proxyclip" and self.proxy is None:
+            raise ValueError("dense=proxyclip needs a proxy model: set proxy (a Dinov2Config, e.g. {name: toy})")
+        if self.naclip_std <= 0:
+            raise ValueError(f"naclip_std must be > 0, got {self.naclip_std}")
 
 
 @dataclass
@@ -104,12 +127,16 @@ class Dinov2Config:
 
 
 def clip_identity(cfg: ClipConfig) -> str:
-    """What `Clip.build(cfg)` loads: ``open_clip:<arch>[+quickgelu]@<weights identity>``."""
+    """What `Clip.build(cfg)` loads: ``open_clip:<arch>[+quickgelu]@<weights identity>[+proxy=<dinov2 identity>]``.
+
+    The proxy part is present only for ``dense: proxyclip`` (the only backend that loads the proxy model).
+    """
     from pipeline.models.checkpoints import model_weights_identity
 
     quick = "+quickgelu" if cfg.force_quick_gelu else ""
     weights = model_weights_identity(cfg.pretrained, cfg.init_seed, "clip.pretrained")
-    return f"open_clip:{cfg.model_name}{quick}@{weights}"
+    proxy = f"+proxy={dinov2_identity(cfg.proxy)}" if cfg.dense == "proxyclip" and cfg.proxy is not None else ""
+    return f"open_clip:{cfg.model_name}{quick}@{weights}{proxy}"
 
 
 def sam_identity(cfg: SamConfig) -> str:

@@ -5,8 +5,8 @@ The test-time protocol (resize, whole/slide, back to the original size, score tr
 normalisation and any feature post-processing (IFSeg's K-NN).
 
 Kinds (the `kind` of an eval method):
-    maskclip  training-free baseline: MaskCLIP dense CLIP features (value path of the last block) against the
-              prompt-ensembled text embeddings of the vocabulary (`MaskClipPredictor`).
+    maskclip  training-free baseline: dense CLIP features (MaskCLIP's value path, or the `clip.dense` backend)
+              against the prompt-ensembled text embeddings of the vocabulary (`MaskClipPredictor`).
     trained   a model from a `train` stage output (`pipeline.predict.load_trained`).
     labels    not a predictor: the eval stage reads an upstream pseudolabel/selftrain stage's `label.png`.
 
@@ -69,9 +69,10 @@ class MaskClipPredictor:
     """Raw CLIP dense prediction, MaskCLIP style (Zhou et al. 2022): no training, no post-processing.
 
     For an input of h x w pixels: CLIP-normalise, zero-pad bottom/right (after normalisation, i.e. with the CLIP
-    mean colour, as `Clip.sliding_dense` does) to multiples of the patch side p, take the MaskCLIP value-path patch
-    features [1, D, ceil(h/p), ceil(w/p)] (unit norm), and score them against the unit text embeddings:
-    logits = logit_scale * cos(feature, text). The patch-grid logits are upsampled bilinearly
+    mean colour, as `Clip.sliding_dense` does) to multiples of the patch side p, take the dense patch features
+    [1, D, ceil(h/p), ceil(w/p)] (unit norm) of the CLIP's backend (``clip.dense``: MaskCLIP's value path by default;
+    SCLIP, ClearCLIP, NACLIP or ProxyCLIP, `pipeline.models.clip_dense`), and score them against the unit text
+    embeddings: logits = logit_scale * cos(feature, text). The patch-grid logits are upsampled bilinearly
     (align_corners=False) to the padded size and cropped back to h x w.
 
     Choice (MaskCLIP is silent on a scale because it only takes the argmax): logit_scale = 100, CLIP's trained
