@@ -224,13 +224,27 @@ class Sam:
             (mask logits float32 [B, K, H, W] at the original resolution, predicted IoU float32 [B, K]), on the
             model's device; a mask is ``logits > model.mask_threshold``.
         """
+        low_res, iou = self.decode_low_res(image_embedding, coords, labels, multimask)
+        return self.upsample(low_res, input_size, original_size), iou
+
+    @torch.no_grad()
+    def decode_low_res(self, image_embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
+                       multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder only: (low-resolution mask logits float32 [B, K, 4h, 4w], predicted IoU
+        float32 [B, K]); arguments as in `decode_torch`. Filters on the IoU can run before `upsample`."""
         with autocast(self.device, self.cfg.precision):
             sparse, dense = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
             low_res, iou = self.model.mask_decoder(
                 image_embeddings=image_embedding, image_pe=self.model.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
             )
-        return self.model.postprocess_masks(low_res.float(), input_size, original_size), iou.float()
+        return low_res.float(), iou.float()
+
+    def upsample(self, low_res: torch.Tensor, input_size: tuple[int, int],
+                 original_size: tuple[int, int]) -> torch.Tensor:
+        """SAM's own ``postprocess_masks``: low-resolution logits [B, K, 4h, 4w] -> float32 [B, K, H, W] logits at
+        the original resolution (each mask independently of the others in the batch)."""
+        return self.model.postprocess_masks(low_res, input_size, original_size)
 
     def predict_points(
         self,

@@ -207,14 +207,15 @@ class PseudoLabelStage(Stage):
 
     def _stage12(self, image: np.ndarray, feats: SlidingFeatures, embeddings: SamImageEmbeddings, index: int,
                  text: np.ndarray, present: np.ndarray) -> list[steps.LabelledMask]:
-        from pipeline.sample_files import rle_to_mask
+        from pipeline.models.sam_masks import automatic_masks_with_arrays
 
         cfg = self.cfg
-        records = [r for r in self.sam.generate(image, cfg.amg, embeddings, index)
-                   if steps.keep_automatic_mask(r, max(1, cfg.min_mask_area), cfg.min_predicted_iou)]
-        if not records:
+        records, masks = automatic_masks_with_arrays(self.sam, image, cfg.amg, embeddings, index)
+        keep = [i for i, r in enumerate(records)
+                if steps.keep_automatic_mask(r, max(1, cfg.min_mask_area), cfg.min_predicted_iou)]
+        if not keep:
             return []
-        masks = np.stack([rle_to_mask(r["segmentation"]) for r in records])
+        records, masks = [records[i] for i in keep], masks[keep]
         if cfg.labeler == "crop":
             ids, _ = steps.label_masks_by_crops(image, masks, self.clip, self.text[present], present,
                                                 self.clip.cfg.image_batch_size)
