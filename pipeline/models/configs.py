@@ -50,7 +50,8 @@ class SamConfig:
         device: torch device string, or ``auto`` (cuda when available, else cpu; resolved on the worker).
         precision: ``fp32``, or ``bf16``/``fp16`` autocast around the encoder and decoder (weights stay fp32).
         init_seed: seed for random init, so random-init builds are reproducible.
-        encoder_batch_size: images per image-encoder call in `Sam.embed_images` (does not change results).
+        encoder_batch_size: images per image-encoder call in `Sam.embed_images` when the caller batches across
+            images (moves embeddings by float noise with batch composition; see `Sam.embed_images`).
         prompt_batch_size: prompt sets per mask-decoder call in `Sam.decode_points` (does not change results;
             memory grows as sets x K x H x W float32 for the upsampled masks).
     """

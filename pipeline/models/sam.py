@@ -130,11 +130,14 @@ class Sam:
         return int(self.model.image_encoder.img_size)
 
     @torch.no_grad()
-    def embed_images(self, images: Sequence[np.ndarray]) -> SamImageEmbeddings:
+    def embed_images(self, images: Sequence[np.ndarray], batch_size: int | None = None) -> SamImageEmbeddings:
         """Run the image encoder on a batch of images (ResizeLongestSide, normalise, pad, encode).
 
         Args:
             images: HxWx3 uint8 RGB arrays, any sizes.
+            batch_size: images per encoder call (None = ``cfg.encoder_batch_size``). With 1 every embedding is
+                independent of the other images; with more, batched matmuls move it by float noise (~1e-6) with
+                the batch's composition.
 
         Returns:
             `SamImageEmbeddings` with ``features`` [len(images), C, h, w] float32.
@@ -147,7 +150,7 @@ class Sam:
             input_sizes.append((int(resized.shape[-2]), int(resized.shape[-1])))
             original_sizes.append((int(image.shape[0]), int(image.shape[1])))
             inputs.append(self.model.preprocess(resized))
-        step = self.cfg.encoder_batch_size
+        step = batch_size or self.cfg.encoder_batch_size
         feats = []
         with autocast(self.device, self.cfg.precision):
             for start in range(0, len(inputs), step):
