@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.config import resolve_device
+from pipeline.models.accel import accelerate_sam, host_to_device
 from pipeline.models.checkpoints import (
     load_checked,
     resolve_weights,
@@ -117,6 +118,7 @@ class Sam:
         if local is not None:
             load_checked(model, local, arch=f"sam {cfg.model_type}", source="sam.checkpoint")
         model.to(resolve_device(cfg.device))
+        accelerate_sam(model, cfg.sdpa, cfg.channels_last, cfg.compile)
         return cls(model, cfg, identity=sam_identity(cfg))
 
     @property
@@ -145,7 +147,7 @@ class Sam:
         inputs, input_sizes, original_sizes = [], [], []
         for image in images:
             check_rgb_uint8(image)
-            resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
+            resized = host_to_device(self.transform.apply_image(image), self.device, self.cfg.pin_memory)
             resized = resized.permute(2, 0, 1).contiguous()[None].float()
             input_sizes.append((int(resized.shape[-2]), int(resized.shape[-1])))
             original_sizes.append((int(image.shape[0]), int(image.shape[1])))
