@@ -93,7 +93,7 @@ def random_vocab(size: int, folder: Path) -> str:
              for _ in range(size * 2)}
     names = sorted(words)[:size]
     path = folder / f"random_{size}.yaml"
-    path.write_text(yaml.safe_dump({"name": f"random_{size}", "ignore_index": 255,
+    path.write_text(yaml.safe_dump({"name": f"random_{size}", "ignore_index": 255 if size <= 255 else 65535,
                                     "classes": [{"name": name} for name in names]}))
     return str(path)
 
