@@ -274,6 +274,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best of each is reported")
     parser.add_argument("--vocab-sizes", default="", help="e.g. 12,171,847: stage s/image per vocabulary size")
     parser.add_argument("--profile", action="store_true", help="print a pyinstrument profile of one stage run")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (0 = torch's default; 2 threads on a loaded 2-core machine are "
+                             "slower than 1 and make the three measures incomparable)")
     args = parser.parse_args(argv)
     if args.crop is None and args.clip == "toy-vit":
         args.crop, args.stride = 64, args.stride or 32
@@ -283,6 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         folder = write_images(args, tmp / "images")

@@ -1,8 +1,11 @@
 """The pseudolabel stage: its typed config, and the method of `stages.pseudolabel.steps` run over shards of images.
 
-Per batch of images, CLIP's sliding crops of all images share encoder calls and SAM encodes all images at once
-(`pipeline.models`); stage 1.1 prompts and stage 1.2's automatic masks both reuse that one SAM embedding. File
-encoding of image i overlaps compute of image i+1. Samples follow schema "pseudolabel/1" (docs/schema.md).
+Per image, CLIP's sliding crops share encoder calls and SAM encodes the image once (`pipeline.models`); stage 1.1
+prompts and stage 1.2's automatic masks (batched post-processing on the model's device, `pipeline.models.sam_masks`)
+both reuse that one embedding. With ``batch_invariant`` (default) no model call mixes images, so a sample's bytes do
+not depend on its batch neighbours; ``batch_invariant: false`` shares CLIP and SAM-encoder calls across the images
+of a batch. File encoding of image i overlaps compute of image i+1. Samples follow schema "pseudolabel/1"
+(docs/schema.md).
 """
 
 from __future__ import annotations
