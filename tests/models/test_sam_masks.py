@@ -120,3 +120,11 @@ def test_batch_coco_rle_equals_segment_anythings_per_mask_encoding() -> None:
     reference = [coco_encode_rle(rle) for rle in mask_to_rle_pytorch(torch.as_tensor(masks))]
     assert batch_coco_rle(masks) == reference
     assert batch_coco_rle(np.zeros((0, 13, 17), bool)) == []
+
+
+def test_small_region_removal_equals_segment_anythings_generator(trained_sam: Sam) -> None:
+    pytest.importorskip("cv2")  # segment_anything's small-region removal needs OpenCV (not in the dev extra)
+    image = _scene(72, 96, 10)
+    amg = dataclasses.replace(AMG_CASES["permissive_uneven_batches"], min_mask_region_area=30)
+    ours = automatic_masks(trained_sam, image, amg)
+    assert same(ours, _reference(trained_sam, image, amg)) and ours
