@@ -73,9 +73,15 @@ class SamConfig:
         device: torch device string, or ``auto`` (cuda when available, else cpu; resolved on the worker).
         precision: ``fp32``, or ``bf16``/``fp16`` autocast around the encoder and decoder (weights stay fp32).
         init_seed: seed for random init, so random-init builds are reproducible.
-        encoder_batch_size: images per image-encoder call in `Sam.embed_images` (does not change results).
+        encoder_batch_size: images per image-encoder call in `Sam.embed_images` when the caller batches across
+            images (moves embeddings by float noise with batch composition; see `Sam.embed_images`).
         prompt_batch_size: prompt sets per mask-decoder call in `Sam.decode_points` (does not change results;
             memory grows as sets x K x H x W float32 for the upsampled masks).
+        sdpa: image-encoder attention through PyTorch's scaled_dot_product_attention (fused kernels on GPU; equal
+            to SAM's own attention up to float rounding); see `pipeline.models.accel`.
+        channels_last: the encoder's convolutions in channels-last memory format.
+        compile: `torch.compile` the image encoder and mask decoder (slow first calls; on CPU too).
+        pin_memory: page-locked host images for asynchronous copies to a CUDA device (no-op on CPU).
     """
 
     model_type: Literal["vit_h", "vit_l", "vit_b", "toy"] = "vit_b"
@@ -85,6 +91,10 @@ class SamConfig:
     init_seed: int = 0
     encoder_batch_size: int = 4
     prompt_batch_size: int = 16
+    sdpa: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    pin_memory: bool = True
 
 
 @dataclass

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.config import resolve_device
+from pipeline.models.accel import accelerate_sam, host_to_device
 from pipeline.models.checkpoints import (
     load_checked,
     resolve_weights,
@@ -117,6 +118,7 @@ class Sam:
         if local is not None:
             load_checked(model, local, arch=f"sam {cfg.model_type}", source="sam.checkpoint")
         model.to(resolve_device(cfg.device))
+        accelerate_sam(model, cfg.sdpa, cfg.channels_last, cfg.compile)
         return cls(model, cfg, identity=sam_identity(cfg))
 
     @property
@@ -130,11 +132,14 @@ class Sam:
         return int(self.model.image_encoder.img_size)
 
     @torch.no_grad()
-    def embed_images(self, images: Sequence[np.ndarray]) -> SamImageEmbeddings:
+    def embed_images(self, images: Sequence[np.ndarray], batch_size: int | None = None) -> SamImageEmbeddings:
         """Run the image encoder on a batch of images (ResizeLongestSide, normalise, pad, encode).
 
         Args:
             images: HxWx3 uint8 RGB arrays, any sizes.
+            batch_size: images per encoder call (None = ``cfg.encoder_batch_size``). With 1 every embedding is
+                independent of the other images; with more, batched matmuls move it by float noise (~1e-6) with
+                the batch's composition.
 
         Returns:
             `SamImageEmbeddings` with ``features`` [len(images), C, h, w] float32.
@@ -142,12 +147,12 @@ class Sam:
         inputs, input_sizes, original_sizes = [], [], []
         for image in images:
             check_rgb_uint8(image)
-            resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
+            resized = host_to_device(self.transform.apply_image(image), self.device, self.cfg.pin_memory)
             resized = resized.permute(2, 0, 1).contiguous()[None].float()
             input_sizes.append((int(resized.shape[-2]), int(resized.shape[-1])))
             original_sizes.append((int(image.shape[0]), int(image.shape[1])))
             inputs.append(self.model.preprocess(resized))
-        step = self.cfg.encoder_batch_size
+        step = batch_size or self.cfg.encoder_batch_size
         feats = []
         with autocast(self.device, self.cfg.precision):
             for start in range(0, len(inputs), step):
@@ -224,13 +229,27 @@ class Sam:
             (mask logits float32 [B, K, H, W] at the original resolution, predicted IoU float32 [B, K]), on the
             model's device; a mask is ``logits > model.mask_threshold``.
         """
+        low_res, iou = self.decode_low_res(image_embedding, coords, labels, multimask)
+        return self.upsample(low_res, input_size, original_size), iou
+
+    @torch.no_grad()
+    def decode_low_res(self, image_embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
+                       multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder only: (low-resolution mask logits float32 [B, K, 4h, 4w], predicted IoU
+        float32 [B, K]); arguments as in `decode_torch`. Filters on the IoU can run before `upsample`."""
         with autocast(self.device, self.cfg.precision):
             sparse, dense = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
             low_res, iou = self.model.mask_decoder(
                 image_embeddings=image_embedding, image_pe=self.model.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
             )
-        return self.model.postprocess_masks(low_res.float(), input_size, original_size), iou.float()
+        return low_res.float(), iou.float()
+
+    def upsample(self, low_res: torch.Tensor, input_size: tuple[int, int],
+                 original_size: tuple[int, int]) -> torch.Tensor:
+        """SAM's own ``postprocess_masks``: low-resolution logits [B, K, 4h, 4w] -> float32 [B, K, H, W] logits at
+        the original resolution (each mask independently of the others in the batch)."""
+        return self.model.postprocess_masks(low_res, input_size, original_size)
 
     def predict_points(
         self,

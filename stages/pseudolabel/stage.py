@@ -1,8 +1,11 @@
 """The pseudolabel stage: its typed config, and the method of `stages.pseudolabel.steps` run over shards of images.
 
-Per batch of images, CLIP's sliding crops of all images share encoder calls and SAM encodes all images at once
-(`pipeline.models`); stage 1.1 prompts and stage 1.2's automatic masks both reuse that one SAM embedding. File
-encoding of image i overlaps compute of image i+1. Samples follow schema "pseudolabel/1" (docs/schema.md).
+Per image, CLIP's sliding crops share encoder calls and SAM encodes the image once (`pipeline.models`); stage 1.1
+prompts and stage 1.2's automatic masks (batched post-processing on the model's device, `pipeline.models.sam_masks`)
+both reuse that one embedding. With ``batch_invariant`` (default) no model call mixes images, so a sample's bytes do
+not depend on its batch neighbours; ``batch_invariant: false`` shares CLIP and SAM-encoder calls across the images
+of a batch. File encoding of image i overlaps compute of image i+1. Samples follow schema "pseudolabel/1"
+(docs/schema.md).
 """
 
 from __future__ import annotations
@@ -70,7 +73,11 @@ class PseudoLabelConfig:
         jpeg_quality: JPEG quality (4:4:4 chroma) when image_format = "jpg".
         keep_ground_truth: write gt.png when the input has ground truth.
         report: the review report's knobs (`pipeline.label_report.ReportConfig`).
-        resources: workers; batch_size = images per model call.
+        batch_invariant: every image's CLIP crops and SAM encoding run in calls of their own, so its sample bytes
+            do not depend on which images share its batch (`resources.batch_size` is outside the fingerprint).
+            False batches crops and encoder calls across images (``sam.encoder_batch_size``); results then move by
+            float noise (~1e-6 in scores) with batch composition.
+        resources: workers; batch_size = images per prefetched batch (per model call when not batch_invariant).
     """
 
     vocab: str = "coco_stuff_171"
@@ -95,6 +102,7 @@ class PseudoLabelConfig:
     jpeg_quality: int = 95
     keep_ground_truth: bool = True
     report: ReportConfig = field(default_factory=ReportConfig)
+    batch_invariant: bool = True
     resources: Resources = field(default_factory=lambda: Resources(num_cpus=1.0, batch_size=16))
 
 
@@ -176,14 +184,21 @@ class PseudoLabelStage(Stage):
         outputs = {item.record.key: SampleOutput(item.record.key, None, item.record.meta.get("source", ""),
                                                  error=item.record.error) for item in loaded if not item.record.ok}
         if good:
-            features = self.clip.sliding_features([item.canvas for item in good])
-            embeddings = self.sam.embed_images([item.record.image for item in good])
+            features, embeddings = self._model_features(good)
             pending = {}
             for index, (item, feats) in enumerate(zip(good, features, strict=True)):
                 result = self._pseudo_label(item.record, feats, embeddings, index)
                 pending[item.record.key] = self.encoder.submit(self._encode, item.record, result)
             outputs |= {key: future.result() for key, future in pending.items()}
         return [outputs[item.record.key] for item in loaded]
+
+    def _model_features(self, good: Sequence[Loaded]) -> tuple[list[SlidingFeatures], SamImageEmbeddings]:
+        """CLIP sliding features and SAM embeddings of the batch; per image when ``batch_invariant``."""
+        canvases, images = [item.canvas for item in good], [item.record.image for item in good]
+        if not self.cfg.batch_invariant:
+            return self.clip.sliding_features(canvases), self.sam.embed_images(images)
+        features = [self.clip.sliding_features([canvas])[0] for canvas in canvases]
+        return features, self.sam.embed_images(images, batch_size=1)
 
     def _pseudo_label(self, record: ImageRecord, feats: SlidingFeatures, embeddings: SamImageEmbeddings,
                       index: int) -> steps.PseudoLabels:
@@ -207,14 +222,15 @@ class PseudoLabelStage(Stage):
 
     def _stage12(self, image: np.ndarray, feats: SlidingFeatures, embeddings: SamImageEmbeddings, index: int,
                  text: np.ndarray, present: np.ndarray) -> list[steps.LabelledMask]:
-        from pipeline.sample_files import rle_to_mask
+        from pipeline.models.sam_masks import automatic_masks_with_arrays
 
         cfg = self.cfg
-        records = [r for r in self.sam.generate(image, cfg.amg, embeddings, index)
-                   if steps.keep_automatic_mask(r, max(1, cfg.min_mask_area), cfg.min_predicted_iou)]
-        if not records:
+        records, masks = automatic_masks_with_arrays(self.sam, image, cfg.amg, embeddings, index)
+        keep = [i for i, r in enumerate(records)
+                if steps.keep_automatic_mask(r, max(1, cfg.min_mask_area), cfg.min_predicted_iou)]
+        if not keep:
             return []
-        masks = np.stack([rle_to_mask(r["segmentation"]) for r in records])
+        records, masks = [records[i] for i in keep], masks[keep]
         if cfg.labeler == "crop":
             ids, _ = steps.label_masks_by_crops(image, masks, self.clip, self.text[present], present,
                                                 self.clip.cfg.image_batch_size)

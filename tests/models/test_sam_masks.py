@@ -107,3 +107,24 @@ def test_reduced_precision_masks_come_out_as_float32_records(trained_sam: Sam) -
     records = automatic_masks(bf16, image, AmgConfig(points_per_side=2, pred_iou_thresh=0.0,
                                                      stability_score_thresh=0.0), embeddings, 0)
     assert records and all(isinstance(r["predicted_iou"], float) for r in records)
+
+
+def test_batch_coco_rle_equals_segment_anythings_per_mask_encoding() -> None:
+    from segment_anything.utils.amg import coco_encode_rle, mask_to_rle_pytorch
+
+    from pipeline.models.sam_masks import batch_coco_rle
+
+    rng = np.random.default_rng(9)
+    masks = rng.random((6, 13, 17)) > 0.5
+    masks[0], masks[1], masks[2, :, :5] = False, True, True  # empty, full, starts with a run of ones
+    reference = [coco_encode_rle(rle) for rle in mask_to_rle_pytorch(torch.as_tensor(masks))]
+    assert batch_coco_rle(masks) == reference
+    assert batch_coco_rle(np.zeros((0, 13, 17), bool)) == []
+
+
+def test_small_region_removal_equals_segment_anythings_generator(trained_sam: Sam) -> None:
+    pytest.importorskip("cv2")  # segment_anything's small-region removal needs OpenCV (not in the dev extra)
+    image = _scene(72, 96, 10)
+    amg = dataclasses.replace(AMG_CASES["permissive_uneven_batches"], min_mask_region_area=30)
+    ours = automatic_masks(trained_sam, image, amg)
+    assert same(ours, _reference(trained_sam, image, amg)) and ours

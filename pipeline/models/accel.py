@@ -1,0 +1,59 @@
+"""GPU switches of the SAM wrapper (`SamConfig.sdpa`, ``channels_last``, ``compile``, ``pin_memory``), applied once
+at build time; every one also runs on CPU, so CI covers the code.
+
+- ``sdpa``: the image encoder's attention through `torch.nn.functional.scaled_dot_product_attention`, with SAM's
+  decomposed relative-position terms passed as the additive mask (as segment-anything-fast does). Equal to SAM's
+  own attention up to float rounding (softmax and matmul order; max |difference| of the embeddings ~1e-6 fp32).
+- ``channels_last``: the encoder's convolutions (patch embedding, neck) in channels-last memory format.
+- ``compile``: `torch.compile` of the image encoder and the mask decoder (first calls compile; shapes vary with the
+  number of prompts, so ``dynamic=None`` lets torch recompile with dynamic shapes after the first change).
+- ``pin_memory``: host images are page-locked before their copy to a CUDA device (`host_to_device`).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def sdpa_attention_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """segment_anything ``image_encoder.Attention.forward`` with SDPA: x [B, H, W, C] -> [B, H, W, C]."""
+    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+
+    batch, height, width, _ = x.shape
+    qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, batch * self.num_heads, height * width, -1).unbind(0)
+    bias = None
+    if self.use_rel_pos:
+        zeros = torch.zeros(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype, device=q.device)
+        bias = add_decomposed_rel_pos(zeros, q, self.rel_pos_h, self.rel_pos_w, (height, width), (height, width))
+        bias = bias.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+    out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
+    return self.proj(out)
+
+
+def accelerate_sam(model: torch.nn.Module, sdpa: bool, channels_last: bool, compile_model: bool) -> None:
+    """Apply the switches to a built segment_anything ``Sam`` in place (see the module docstring)."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    if sdpa:
+        for module in model.image_encoder.modules():
+            if isinstance(module, Attention):
+                module.forward = types.MethodType(sdpa_attention_forward, module)
+    if channels_last:
+        model.image_encoder.to(memory_format=torch.channels_last)
+    if compile_model:
+        model.image_encoder.forward = torch.compile(model.image_encoder.forward)
+        model.mask_decoder.forward = torch.compile(model.mask_decoder.forward)
+
+
+def host_to_device(array: Any, device: torch.device, pin_memory: bool) -> torch.Tensor:
+    """A numpy array as a tensor on `device`; page-locked and copied asynchronously when `pin_memory` and CUDA."""
+    tensor = torch.as_tensor(array)
+    if pin_memory and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
