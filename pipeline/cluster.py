@@ -45,6 +45,7 @@ def init_ray(ray_cfg: Mapping[str, Any]) -> None:
         address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS")
         try:
             if address:
+                _probe(address)
                 ray.init(address=address, log_to_driver=True)
             else:
                 ray.init(address="local", num_cpus=ray_cfg.get("num_cpus"), include_dashboard=False,
@@ -57,6 +58,15 @@ def init_ray(ray_cfg: Mapping[str, Any]) -> None:
                                      "for a local Ray") from None
             raise RayUnavailable(f"cannot start a local Ray ({reason}); check that ray.temp_dir (or /tmp) is "
                                  "writable and has space, or use executor=local") from None
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when a `host:port` address has nobody listening (Ray itself retries for many minutes)."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # "auto", "ray://...": Ray resolves these itself
+    with socket.create_connection((host, int(port)), timeout=timeout_s):
+        pass
 
 
 def demand(num_cpus: float, num_gpus: float = 0.0, custom: Mapping[str, float] | None = None) -> dict[str, float]:

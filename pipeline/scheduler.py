@@ -110,9 +110,11 @@ def run_dag(order: Sequence[str], upstream: Mapping[str, Collection[str]],
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                _collect(running.pop(future), future, results, failed, errors, abort, contained)
+                name = running.pop(future)
+                _collect(name, future, results, failed, errors, abort, contained, others=bool(running or waiting))
+    fatal = [error for error in errors if not isinstance(error, contained)]
     if errors:
-        raise errors[0]
+        raise (fatal or errors)[0]
     return results
 
 
@@ -125,7 +127,8 @@ def _may_start(name: str, running: Mapping[Future, str], limit: int, exclusive: 
 
 
 def _collect(name: str, future: Future, results: dict[str, Any], failed: set[str], errors: list[BaseException],
-             abort: threading.Event, contained: tuple[type[BaseException], ...]) -> None:
+             abort: threading.Event, contained: tuple[type[BaseException], ...], others: bool) -> None:
+    """Record a finished node; an error is logged at once when other nodes go on (else the caller reports it)."""
     try:
         results[name] = future.result()
     except BaseException as error:  # noqa: BLE001 - recorded, re-raised by run_dag once the others stopped
@@ -134,4 +137,5 @@ def _collect(name: str, future: Future, results: dict[str, Any], failed: set[str
             errors.append(error)
         if not isinstance(error, contained):
             abort.set()
-        log.error("%s failed: %s", name, error)
+        if others:
+            log.error("%s failed: %s", name, error)
