@@ -3,8 +3,9 @@
 Ray's `ray.util.ActorPool` hands shards to actors that may never be placed and stops at the first dead one.
 This pool keeps the rules of `pipeline.executor`'s failure policy itself:
 
-- it starts `pool_size` actors, or as many as the cluster's nodes can hold at once (with a warning), and gives
-  shards only to actors whose `ready()` came back (model loaded), one shard per actor at a time;
+- it starts `pool_size` actors, or as many as the cluster's nodes can hold at once (with a warning), spread over
+  the nodes, and gives shards only to actors whose `ready()` came back (model loaded), one shard per actor at a
+  time;
 - an actor that dies (its process, or its whole node) puts its shard back at the head of the queue, and a
   replacement starts while the cluster still has room for it (re-checked each time); actors that die in
   `Stage.setup` fail the node at once with the setup error, as that would repeat on every actor;
@@ -62,8 +63,9 @@ class ActorPool:
         self.node, self.resources, self.node_run = context.node, resources, node_run
         self.wanted = demand(resources.num_cpus, resources.num_gpus)
         self.fix = f"{self.node}.resources.num_cpus / num_gpus"
-        self.actor_cls = ray.remote(_ShardActor).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                                                         max_restarts=0, max_task_retries=0)
+        self.actor_cls = ray.remote(_ShardActor).options(  # spread: a lost node costs as few actors as possible
+            num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_restarts=0, max_task_retries=0,
+            scheduling_strategy="SPREAD")
         self.args = (stage_cls, ray.put(context))
         self.slots: list[_Slot] = []
         self.refs: dict[Any, tuple[_Slot, str]] = {}

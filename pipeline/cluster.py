@@ -51,7 +51,8 @@ def init_ray(ray_cfg: Mapping[str, Any]) -> None:
                 ray.init(address="local", num_cpus=ray_cfg.get("num_cpus"), include_dashboard=False,
                          log_to_driver=True, _temp_dir=ray_cfg.get("temp_dir"))
         except Exception as error:  # noqa: BLE001 - every way Ray fails to come up gets the same one-line advice
-            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            text = str(error).strip().splitlines()
+            reason = f"{type(error).__name__}: {text[0] if text else ''}"
             if address:
                 raise RayUnavailable(f"cannot reach the Ray cluster at {address!r} ({reason}); start it "
                                      "(`ray start --head`) or fix ray.address / RAY_ADDRESS, or run without them "
@@ -61,12 +62,23 @@ def init_ray(ray_cfg: Mapping[str, Any]) -> None:
 
 
 def _probe(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds when a `host:port` address has nobody listening (Ray itself retries for many minutes)."""
-    host, _, port = address.rpartition(":")
-    if "://" in address or not host or not port.isdigit():
-        return  # "auto", "ray://...": Ray resolves these itself
-    with socket.create_connection((host, int(port)), timeout=timeout_s):
+    """Fail in seconds when nobody listens where Ray will connect (Ray itself retries for many minutes).
+
+    Ray rewrites a loopback host to this machine's interface address before connecting; the probe checks that
+    resolved address, so a cluster bound to 127.0.0.1 only is reported here instead of hanging in `ray.init`.
+    """
+    if "://" in address:
+        return  # "ray://..." (Ray Client) and other schemes: Ray checks these itself
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        address = canonicalize_bootstrap_address(address) or address
+    except ImportError:  # a private helper; without it, probe the address as given
         pass
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit():
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
 
 
 def demand(num_cpus: float, num_gpus: float = 0.0, custom: Mapping[str, float] | None = None) -> dict[str, float]:
