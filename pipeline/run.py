@@ -2,8 +2,8 @@
 
 The preset is `conf/NAME.yaml` (default `demo`), composed with Hydra's compose API: Hydra never changes the
 working directory, and workers receive the resolved config as plain data, never paths to config files.
-Under `ray job submit` the driver connects to the job's cluster (RAY_ADDRESS); otherwise a local Ray starts
-in-process.
+Under `ray job submit` the driver connects to the job's cluster (RAY_ADDRESS); otherwise a fresh local Ray starts
+in-process (`pipeline.cluster.init_ray`). Independent nodes run at the same time (`pipeline.scheduler`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,13 +21,15 @@ from typing import Any
 
 import fsspec
 
-from pipeline import dag, explain, incremental
+from pipeline import dag, explain, incremental, scheduler
+from pipeline.cluster import init_ray
 from pipeline.config import ConfigError, build_config
-from pipeline.executor import make_executor
+from pipeline.executor import ShardsFailed, make_executor
 from pipeline.fingerprint import NodeFingerprint
 from pipeline.lease import LeaseConfig, LeaseHeld, LeaseLost, hold
 from pipeline.overrides import config_hint, split_data_overrides
 from pipeline.planning import plan_fingerprints, planned_fingerprint
+from pipeline.progress import Board
 from pipeline.shards import MANIFEST_NAME, ShardDone, StageOutput, join, read_done, write_pointer, write_stage_index
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext
 
@@ -280,22 +283,8 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def init_ray(ray_cfg: Mapping[str, Any]) -> None:
-    """Connect to RAY_ADDRESS / `ray.address` when given (ray job submit), else start a local Ray in-process."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=ray_cfg.get("num_cpus"), include_dashboard=False, log_to_driver=True,
-                 _temp_dir=ray_cfg.get("temp_dir"))
-
-
 def run(cfg: Mapping[str, Any]) -> list[NodeSummary]:
-    """Run the selected nodes of a resolved config; returns one summary per node."""
+    """Run the selected nodes of a resolved config, independent ones at once; returns one summary per node."""
     nodes = dag.build_nodes(cfg)
     selected = dag.select(nodes, cfg.get("stages"))
     forced = set(cfg.get("force") or [])
@@ -306,17 +295,27 @@ def run(cfg: Mapping[str, Any]) -> list[NodeSummary]:
     root = output_root(cfg)
     fs, root_path = fsspec.core.url_to_fs(root)
     check_inputs_exist(nodes, selected, fingerprints, fs, root_path)
-    summaries = []
-    for name in selected:
-        summary = run_node(nodes[name], cfg, fingerprints, root, name in forced, cfg.get("executor", "ray"))
-        print(summary.line(), flush=True)
-        summaries.append(summary)
-    return summaries
+    options, executor_kind = scheduler.run_options(cfg), cfg.get("executor", "ray")
+    with Board(options.progress, options.progress_interval_s) as board:
+        def run_one(name: str, abort: threading.Event) -> NodeSummary:
+            record_dir = (fs, join(root_path, name, fingerprints[name]))
+            with board.node_run(name, options.stall_timeout_s, abort, record_dir) as node_run:
+                summary = run_node(nodes[name], cfg, fingerprints, root, name in forced, executor_kind)
+                node_run.status = summary.status
+            board.print_line(summary.line())
+            return summary
+
+        results = scheduler.run_dag(selected, {name: nodes[name].inputs.values() for name in selected}, run_one,
+                                    options.max_concurrent_nodes,
+                                    lambda name: scheduler.runs_in_driver(nodes[name].config, executor_kind),
+                                    contained=(FailureRatioExceeded, ShardsFailed))
+    return [results[name] for name in selected]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; exit codes: 0 ok, 1 failure ratio exceeded, 2 bad configuration or missing input,
-    3 another run holds an output's lease (with `lease.wait_s` spent)."""
+    """CLI entry point; exit codes: 0 ok, 1 failure ratio exceeded or shards failed, 2 bad configuration, missing
+    input, Ray unavailable or a request the cluster cannot place, 3 another run holds an output's lease (with
+    `lease.wait_s` spent)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -336,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, HydraException, OmegaConfBaseException, yaml.YAMLError) as error:
         print(f"error: {error}{config_hint(error, raw, overrides)}", file=sys.stderr)
         return 2
-    except FailureRatioExceeded as error:
+    except (FailureRatioExceeded, ShardsFailed) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (LeaseHeld, LeaseLost) as error:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -47,32 +48,36 @@ def test_ray_executor_matches_local_executor_bytes(tmp_path):
     assert _shard_bytes(tmp_path / "ray") == _shard_bytes(tmp_path / "local")
 
 
-def _ray(*args: str, env: dict, timeout: int = 180) -> subprocess.CompletedProcess:
-    ray_bin = Path(sys.executable).with_name("ray")
-    return subprocess.run([str(ray_bin), *args], env=env, capture_output=True, text=True, timeout=timeout)
+def test_ray_job_submit_end_to_end(tmp_path, monkeypatch):
+    """`ray job submit -- python -m pipeline.run ...` on a head node this test starts, and stops by its handle."""
+    from ray.cluster_utils import Cluster
 
-
-def test_ray_job_submit_end_to_end(tmp_path):
-    env = {**os.environ, **RAY_ENV}
-    env.pop("RAY_ADDRESS", None)
+    for name, value in RAY_ENV.items():
+        monkeypatch.setenv(name, value)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
-    gcs_port, dash_port = _free_port(), _free_port()
-    start = _ray("start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}",
-                 "--disable-usage-stats", "--include-dashboard=true", env=env)
-    assert start.returncode == 0, start.stderr
+    dash_port = _free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "temp_dir": temp_dir, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "dashboard_port": dash_port, "dashboard_agent_listen_port": _free_port()})  # not Ray's fixed default port
     try:
         out = tmp_path / "out"
-        job = _ray("job", "submit", f"--address=http://127.0.0.1:{dash_port}", "--", sys.executable, "-m",
-                   "pipeline.run", "conf=coco", "stages=[wordgrid]", f"output_root={out}",
-                   "wordgrid.num_samples=2000", "wordgrid.samples_per_shard=500", env=env, timeout=300)
+        command = [str(Path(sys.executable).with_name("ray")), "job", "submit",
+                   f"--address=http://127.0.0.1:{dash_port}", "--", sys.executable, "-m", "pipeline.run", "conf=coco",
+                   "stages=[wordgrid]", f"output_root={out}", "wordgrid.num_samples=2000",
+                   "wordgrid.samples_per_shard=500"]
+        for _ in range(30):  # the head's dashboard and job agent come up a few seconds after the head itself
+            job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+            if "No available agent" not in job.stderr and "Connection refused" not in job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout + job.stderr
         assert "wordgrid" in job.stdout and "ran" in job.stdout
         output = open_stage(str(out / "wordgrid"))
         assert output.num_samples == 2000 and len(output.shard_urls()) == 4
         assert output.manifest["vocab"]["name"] == "coco_stuff_171"
     finally:
-        _ray("stop", "--force", env=env)
+        cluster.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -1,7 +1,9 @@
 """Infinite, per-rank batch streams over stage outputs for the trainers, and the sample decoders they apply.
 
 Each rank reads a disjoint part of the samples (whole shards when there are enough, every world-th sample
-otherwise), shuffles with a buffer seeded by (seed, rank, epoch), and restarts cleanly at any step's epoch.
+otherwise), shuffles with a buffer seeded by (seed, rank, epoch), and resumes at any step exactly where the
+uninterrupted stream was (the image decoder's augmentation draws are not checkpointed, so image recipes resume
+on the same samples but with other crops and flips).
 """
 
 from __future__ import annotations
@@ -44,15 +46,21 @@ def rank_samples(output: StageOutput, seed: int, epoch: int, shuffle_buffer: int
 
 def batches_from(output: StageOutput, batch_size: int, seed: int, start_step: int, samples_per_epoch: int,
                  decode: Any) -> Iterator[list[Any]]:
-    """Endless lists of `batch_size` decoded samples, starting at the epoch that contains `start_step`."""
+    """Endless lists of `batch_size` decoded samples; resumed at `start_step`, the stream goes on exactly where the
+    uninterrupted one was at that step (the samples of its epoch already trained on are skipped undecoded; exact
+    when the ranks hold equal shares of the samples)."""
     _, world = rank_and_world()
-    epoch = (start_step * batch_size * world) // max(1, samples_per_epoch)
+    epoch, offset = divmod(start_step * batch_size * world, max(1, samples_per_epoch))
+    skip = offset // world
     batch: list[Any] = []
     while True:
         produced = False
         for sample in rank_samples(output, seed, epoch):
-            batch.append(decode(sample))
             produced = True
+            if skip:
+                skip -= 1
+                continue
+            batch.append(decode(sample))
             if len(batch) == batch_size:
                 yield batch
                 batch = []

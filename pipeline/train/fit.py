@@ -65,6 +65,11 @@ def fit(job: TrainJob, scaling: ScalingKnobs, name: str) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.cluster import check_placement, demand
+
+    node = name.rsplit("-", 1)[0]  # fail fast instead of waiting forever for a worker group that cannot be placed
+    check_placement(node, "the Ray Train worker group", demand(scaling.cpus_per_worker, float(scaling.use_gpu)),
+                    scaling.num_workers, f"{node}.resources.num_workers / cpus_per_worker / use_gpu", all_at_once=True)
     storage = os.environ.get("SEGETL_RAY_TRAIN_STORAGE") or tempfile.mkdtemp(prefix="segetl-train-")
     trainer = TorchTrainer(
         _ray_worker_entry,
