@@ -117,7 +117,8 @@ def _without_timing(files: dict[str, bytes]) -> dict[str, bytes]:
 
 def test_demo_dag_on_s3_killed_and_resumed_equals_a_local_root(s3, tmp_path, caplog):
     images = _upload_images(s3, 4)
-    overrides = [*REDUCED, "executor=local", f"pseudolabel.data={{kind:folder,root:{images},vocab:toy}}"]
+    overrides = [*REDUCED, "executor=local", "~pseudolabel.data",
+                 f"+pseudolabel.data={{kind:folder,root:{images},vocab:toy}}"]
     root = f"s3://{BUCKET}/run"
     argv = [sys.executable, "-m", "pipeline.run", f"output_root={root}", *overrides]
     process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
