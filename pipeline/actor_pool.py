@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.cluster import alive_nodes, capacity, check_placement, demand, describe, fmt, where
-from pipeline.executor import error_reason, run_shard
 from pipeline.progress import NodeRun
+from pipeline.shard_run import error_reason, run_shard
 from pipeline.shards import ShardDone, shard_name
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext
 

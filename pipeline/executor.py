@@ -18,67 +18,18 @@ Failure policy, in one place (design contract 7):
 
 from __future__ import annotations
 
-import time
-import traceback
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
-
-import fsspec
 
 from pipeline.cluster import check_placement, demand, fmt, here, where
 from pipeline.config import ConfigError
 from pipeline.progress import NodeRun, current
-from pipeline.shards import SampleOutput, ShardDone, commit_shard, shard_name
+from pipeline.shard_run import error_reason, run_batch, run_shard  # noqa: F401 - run_batch: public here too
+from pipeline.shards import ShardDone, shard_name
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext
 
 OnDone = Callable[[ShardDone], None]
-
-
-def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= max(1, size):
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def run_batch(stage: Stage, loaded: Sequence[Any]) -> list[SampleOutput]:
-    """Run a batch and fold its statistics; if it raises, run its items one by one so one bad item fails alone.
-
-    `Stage.fold` sees each item exactly once, and only from a call that succeeded: the per-shard aggregates of
-    every stage are exact whatever fails, without a guard in the stage.
-    """
-    try:
-        outputs = stage.process_batch(loaded)
-        if len(outputs) != len(loaded):
-            raise RuntimeError(f"{stage.kind}.process_batch returned {len(outputs)} outputs for {len(loaded)} items")
-    except Exception:  # noqa: BLE001 - isolation below records every error per item
-        if len(loaded) == 1:
-            error = traceback.format_exc(limit=3).strip().splitlines()[-1]
-            return [SampleOutput(key=stage.item_key(loaded[0]), files=None, error=error)]
-        return [out for item in loaded for out in run_batch(stage, [item])]
-    stage.fold(outputs)
-    return outputs
-
-
-def run_shard(stage: Stage, plan: ShardPlan, batch_size: int) -> ShardDone:
-    """Process one shard and commit it (tar, sidecar, done-marker). Loading of batch i+1 overlaps batch i."""
-    started = time.perf_counter()
-    outputs: list[SampleOutput] = []
-    batches = _batches(stage.iter_loaded(plan), batch_size)
-    with ThreadPoolExecutor(max_workers=1) as prefetcher:
-        pending = prefetcher.submit(next, batches, None)
-        while (loaded := pending.result()) is not None:
-            pending = prefetcher.submit(next, batches, None)
-            outputs.extend(run_batch(stage, loaded))
-    fs, path = fsspec.core.url_to_fs(stage.context.output_url)
-    return commit_shard(fs, path, plan.index, outputs, stage.context.fingerprint,
-                        seconds=time.perf_counter() - started, extra=stage.end_shard())
 
 
 class ShardsFailed(RuntimeError):
@@ -90,13 +41,6 @@ class ShardsFailed(RuntimeError):
         more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
         super().__init__(f"{node}: {len(failures)} of {total} shards failed after all retries and are not "
                          f"committed; the others are, and a rerun redoes only the failed ones: {listed}{more}")
-
-
-def error_reason(error: BaseException, limit: int = 300) -> str:
-    """The last line of an error (a Ray error's text ends with the original exception), shortened."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    text = lines[-1] if lines else type(error).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class LocalExecutor:

@@ -181,9 +181,10 @@ def acquire(fs: fsspec.AbstractFileSystem, path: str, cfg: LeaseConfig, node: st
         if current is None or is_stale(current, cfg.stale_s):
             if current is not None:
                 log.warning("%s: taking over the stale lease of %s", node, current.describe())
+            _ACTIVE.add(me.owner)  # before the claim: a thread of this process must never see our fresh lease as stale
             if _claim(fs, path, me, current, cfg.settle_s):
-                _ACTIVE.add(me.owner)
                 return Lease(fs, path, me, cfg, waited)
+            _ACTIVE.discard(me.owner)
             continue
         remaining = deadline - time.monotonic()
         if remaining <= 0:

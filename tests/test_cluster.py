@@ -157,7 +157,7 @@ def test_cpu_stage_loses_a_worker_node_and_still_equals_a_clean_run(cluster, wor
 def test_trainer_worker_killed_mid_training_resumes_to_the_same_model(cluster, work):
     import torch
 
-    from stages.train import read_artifact
+    from pipeline.train.checkpoints import read_model
 
     torch.set_num_threads(1)  # the Ray Train worker has one CPU: the same kernels as the reference
     run(local(work / "clean", "stages=[wordgrid,train_ifseg]", *WORDGRID, *TRAIN))
@@ -173,7 +173,7 @@ def test_trainer_worker_killed_mid_training_resumes_to_the_same_model(cluster, w
             os.kill(pid, signal.SIGKILL)
         assert future.result(timeout=600) == 0
     assert "step_0000040.pt" not in killed_at, "the worker must be killed before the last step"
-    ours, clean = (read_artifact(open_stage(str(r / "train_ifseg")))["trainable"] for r in (root, work / "clean"))
+    ours, clean = (read_model(open_stage(str(r / "train_ifseg")))["trainable"] for r in (root, work / "clean"))
     assert ours.keys() == clean.keys()
     assert all(torch.equal(ours[k], clean[k]) for k in ours)
 
