@@ -21,8 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.cluster import alive_nodes, capacity, check_placement, demand, describe, fmt, where
-from pipeline.executor import error_reason, run_shard
+from pipeline.cluster import alive_nodes, capacity, check_placement, demand, describe, fmt
 from pipeline.progress import NodeRun
 from pipeline.shards import ShardDone, shard_name
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext
@@ -30,18 +29,11 @@ from pipeline.stage import Resources, ShardPlan, Stage, StageContext
 RECHECK_S = 5.0  # how often a pool without a ready actor re-checks that the cluster can still host one
 
 
-class _ShardActor:
-    """Holds one stage instance with its models loaded once; processes shards sent to it."""
-
-    def __init__(self, stage_cls: type[Stage], context: StageContext) -> None:
-        self.stage = stage_cls(context)
-        self.stage.setup()
-
-    def ready(self) -> dict[str, Any]:
-        return where()
-
-    def run(self, plan: ShardPlan, batch_size: int) -> ShardDone:
-        return run_shard(self.stage, plan, batch_size)
+def error_reason(error: BaseException, limit: int = 300) -> str:
+    """The last line of an error (a Ray error's text ends with the original exception), shortened."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass
@@ -56,14 +48,16 @@ class _Slot:
 class ActorPool:
     """Runs shards on supervised actors of `stage_cls` (see the module doc)."""
 
-    def __init__(self, stage_cls: type[Stage], context: StageContext, resources: Resources,
+    def __init__(self, actor_cls: type, stage_cls: type[Stage], context: StageContext, resources: Resources,
                  node_run: NodeRun) -> None:
+        """`actor_cls(stage_cls, context)` loads the stage; its `ready()` returns where it runs, `run(plan,
+        batch_size)` commits a shard and returns its ShardDone."""
         import ray
 
         self.node, self.resources, self.node_run = context.node, resources, node_run
         self.wanted = demand(resources.num_cpus, resources.num_gpus)
         self.fix = f"{self.node}.resources.num_cpus / num_gpus"
-        self.actor_cls = ray.remote(_ShardActor).options(  # spread: a lost node costs as few actors as possible
+        self.actor_cls = ray.remote(actor_cls).options(  # spread: a lost node costs as few actors as possible
             num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_restarts=0, max_task_retries=0,
             scheduling_strategy="SPREAD")
         self.args = (stage_cls, ray.put(context))

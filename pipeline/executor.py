@@ -27,6 +27,7 @@ from typing import Any
 
 import fsspec
 
+from pipeline.actor_pool import ActorPool, error_reason
 from pipeline.cluster import check_placement, demand, fmt, here, where
 from pipeline.config import ConfigError
 from pipeline.progress import NodeRun, current
@@ -92,13 +93,6 @@ class ShardsFailed(RuntimeError):
                          f"committed; the others are, and a rerun redoes only the failed ones: {listed}{more}")
 
 
-def error_reason(error: BaseException, limit: int = 300) -> str:
-    """The last line of an error (a Ray error's text ends with the original exception), shortened."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    text = lines[-1] if lines else type(error).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 class LocalExecutor:
     """Runs shards sequentially in this process: tests, debugging, and stages too small for Ray.
 
@@ -124,8 +118,6 @@ class RayExecutor:
 
     def run(self, stage_cls: type[Stage], context: StageContext, plans: list[ShardPlan], resources: Resources,
             on_done: OnDone) -> None:
-        from pipeline.actor_pool import ActorPool
-
         node_run = current(context.node)
         node_run.begin(len(plans))
 
@@ -134,11 +126,25 @@ class RayExecutor:
             node_run.shard_done(done, where)
 
         if stage_cls.uses_models or resources.num_gpus > 0:
-            failures = ActorPool(stage_cls, context, resources, node_run).run(plans, finished)
+            failures = ActorPool(_ShardActor, stage_cls, context, resources, node_run).run(plans, finished)
         else:
             failures = _task_map(stage_cls, context, plans, resources, node_run, finished)
         if failures:
             raise ShardsFailed(context.node, failures, len(plans))
+
+
+class _ShardActor:
+    """Holds one stage instance with its models loaded once; processes shards sent to it."""
+
+    def __init__(self, stage_cls: type[Stage], context: StageContext) -> None:
+        self.stage = stage_cls(context)
+        self.stage.setup()
+
+    def ready(self) -> dict[str, Any]:
+        return where()
+
+    def run(self, plan: ShardPlan, batch_size: int) -> ShardDone:
+        return run_shard(self.stage, plan, batch_size)
 
 
 def _run_shard_task(stage_cls: type[Stage], context: StageContext, plan: ShardPlan,
