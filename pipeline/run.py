@@ -297,7 +297,7 @@ def run(cfg: Mapping[str, Any]) -> list[NodeSummary]:
     check_inputs_exist(nodes, selected, fingerprints, fs, root_path)
     options, executor_kind = scheduler.run_options(cfg), cfg.get("executor", "ray")
     if executor_kind == "ray" and not cfg.get("dry_run") and any(
-            name in forced or not fs.exists(join(root_path, name, fingerprints[name], MANIFEST_NAME))
+            name in forced or _up_to_date(fs, nodes[name], join(root_path, name, fingerprints[name]), cfg) is None
             for name in selected):
         init_ray(cfg.get("ray") or {})  # on the main thread: a Ray started from a node's thread cannot be shut down
     with Board(options.progress, options.progress_interval_s) as board:
