@@ -66,7 +66,9 @@ class AlignConfig:
 
     Attributes:
         head, heads, mlp_ratio, dropout: see AlignmentModule.
-        temperature, include_self_positive, count_absent_classes: see tsupcon_loss.
+        temperature, include_self_positive: see tsupcon_loss.
+        count_absent_classes: Eq. 1's normaliser K counts every text feature (default, the paper) or, false,
+            only the classes present in the batch (see tsupcon_loss).
         ignore_index: unlabeled patch id in `patch_labels`.
         min_fraction: patch-vote threshold of `patch_labels`.
         lr, momentum, weight_decay: SGD settings.
@@ -81,7 +83,7 @@ class AlignConfig:
     dropout: float = 0.0
     temperature: float = 1.0
     include_self_positive: bool = True
-    count_absent_classes: bool = False
+    count_absent_classes: bool = True
     ignore_index: int = 255
     min_fraction: float = 0.5
     lr: float = 0.01
