@@ -125,11 +125,16 @@ class AlignPredictor:
 
 
 class ZegCLIPPredictor:
-    """ZegCLIP mask logits for all classes of the vocabulary (the protocol applies sigmoid and seen penalty)."""
+    """ZegCLIP mask logits for all classes of the vocabulary (the protocol applies sigmoid and seen penalty).
+
+    `seen_penalty` is the model's own test-time penalty (`ZegCLIPMethod.eval_seen_penalty`: 0.1 after inductive,
+    0.0 after transductive training); the eval stage scores with it instead of the protocol preset's.
+    """
 
     def __init__(self, built: BuiltMethod, knn: bool = False) -> None:
         self.method, self.model = built.method, built.model.eval()
         self.name, self.num_classes = "zegclip", int(self.method.text_embeddings.shape[0])
+        self.seen_penalty = float(self.method.eval_seen_penalty)
 
     @torch.no_grad()
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,10 @@ class Predictor(Protocol):
     Attributes:
         name: method name (report column, prediction file stem).
         num_classes: C, the number of classes of the eval vocabulary; logits are in its train-id order.
+
+    Optional attribute (read with getattr): `seen_penalty`, a float the trained model prescribes for its seen
+    classes at test time (ZegCLIP: 0.1 inductive, 0.0 transductive); the eval stage uses it instead of the
+    protocol preset's unless `protocol_overrides` set one (`stages.evaluate.methods.effective_protocol`).
     """
 
     name: str

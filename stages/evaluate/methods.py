@@ -8,6 +8,12 @@ A method's protocol is the preset `protocol` (the method's own, else the stage's
 post-process, and asking them to is a configuration error. The resolved protocol, with the effective
 `knn_postprocess`, is recorded next to the method's metrics.
 
+The seen-class penalty is the trained model's own: a predictor that prescribes one (`seen_penalty`, e.g.
+ZegCLIP's `eval_seen_penalty`, 0.1 after inductive and 0.0 after transductive training, as the release) replaces
+the preset's value on the worker (`effective_protocol`), so a preset cannot score a transductive model with the
+inductive penalty. A `seen_penalty` written in the stage's or the method's `protocol_overrides` is an explicit
+choice (an ablation) and wins; the metrics record the value used and where it came from.
+
 Everything is checked on the driver, torch-free, before any work: a typo in an entry (`eval.methods[0].knnn`,
 `eval.methods[0].clip.pretraind`), a protocol key or value, a kind or a port is a ConfigError naming the key.
 """
@@ -71,11 +77,14 @@ class MethodSpec:
         entry: the method's entry, with the effective `knn` (what the predictor builder receives).
         protocol: the resolved test-time protocol (with the effective `knn_postprocess`).
         miou_denominator: "mmseg" (nanmean over classes with GT) or "zsseg" (detectron2's denominator).
+        penalty_from_model: False when `protocol_overrides` set `seen_penalty` explicitly; else a predictor's
+            own `seen_penalty` replaces the preset's (`effective_protocol`).
     """
 
     entry: MethodEntry
     protocol: Protocol
     miou_denominator: str
+    penalty_from_model: bool = True
 
     @property
     def name(self) -> str:
@@ -97,7 +106,30 @@ class MethodSpec:
     def record(self) -> dict[str, Any]:
         """JSON-safe description stored with the metrics."""
         return {"kind": self.kind, "input": self.input, "protocol": dataclasses.asdict(self.protocol),
-                "miou_denominator": self.miou_denominator}
+                "miou_denominator": self.miou_denominator, "penalty_from_model": self.penalty_from_model}
+
+
+def effective_protocol(spec: MethodSpec, predictor: Any) -> Protocol:
+    """The protocol `spec` is scored under, with the seen penalty its model prescribes.
+
+    Args:
+        spec: the validated method.
+        predictor: its built predictor; an optional attribute `seen_penalty` (float, or None for none) is the
+            trained model's own test-time penalty (ZegCLIP: 0.1 inductive, 0.0 transductive).
+
+    Returns:
+        `spec.protocol`, with `seen_penalty` replaced by the predictor's unless the method overrode it explicitly.
+    """
+    if penalty_source(spec, predictor) != "model":
+        return spec.protocol
+    return dataclasses.replace(spec.protocol, seen_penalty=float(predictor.seen_penalty))
+
+
+def penalty_source(spec: MethodSpec, predictor: Any) -> str:
+    """Where `effective_protocol`'s seen penalty comes from: "override", "model" or "protocol" (the preset)."""
+    if not spec.penalty_from_model:
+        return "override"
+    return "protocol" if getattr(predictor, "seen_penalty", None) is None else "model"
 
 
 def parse_entry(method: Any, key: str, ports: Set[str]) -> MethodEntry:
@@ -131,7 +163,8 @@ def parse_method(method: Any, key: str, ports: Set[str], default_protocol: str,
                              f"{key}.protocol")
     knn = bool(fields.get("knn_postprocess", False) if entry.knn is None else entry.knn) and entry.kind in KNN_KINDS
     protocol = build_protocol({**fields, "knn_postprocess": knn}, f"{key}.protocol")
-    return MethodSpec(dataclasses.replace(entry, knn=knn), protocol, denominator)
+    explicit = "seen_penalty" in stage_overrides or "seen_penalty" in entry.protocol_overrides
+    return MethodSpec(dataclasses.replace(entry, knn=knn), protocol, denominator, penalty_from_model=not explicit)
 
 
 def parse_methods(methods: Sequence[Any], node: str, ports: Set[str], default_protocol: str,

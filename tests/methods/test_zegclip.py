@@ -263,6 +263,10 @@ def test_schedule_and_seen_penalty(clip_model: torch.nn.Module) -> None:
     assert transductive.learning_rate(50, 100, 1.0) == pytest.approx(1e-6)  # warmup restarts at the switch
     assert transductive.learning_rate(60, 100, 1.0) == pytest.approx((1 - 1e-6) * 0.8**0.9 + 1e-6)
     assert inductive.eval_seen_penalty == 0.1 and transductive.eval_seen_penalty == 0.0
+    from pipeline.methods.registry import BuiltMethod, ZegCLIPPredictor  # what the eval stage scores with
+
+    served = [ZegCLIPPredictor(BuiltMethod(m, m.build_model())).seen_penalty for m in (inductive, transductive)]
+    assert served == [0.1, 0.0]
 
 
 def coloured_squares(num_images: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -206,6 +206,30 @@ def test_zegclip_seen_penalty_lowers_the_seen_classes_of_the_vocabulary(tmp_path
     assert np.unique(read_label_png(sample["close.png"])).tolist() == [winner]
 
 
+@pytest.mark.parametrize("model_penalty, overrides, winner, used, source", [
+    (0.0, {}, 0, 0.0, "model"),          # transductive ZegCLIP under the zegclip preset (0.1): the model's 0.0 wins
+    (0.1, {}, 5, 0.1, "model"),          # inductive: 0.1 flips sky (0.5498 - 0.1) below tree (0.5250)
+    (None, {}, 5, 0.1, "protocol"),      # a model without a penalty of its own: the preset's
+    (0.0, {"seen_penalty": 0.1}, 5, 0.1, "override"),  # an explicit override is an ablation and wins
+])
+def test_seen_penalty_is_the_trained_models_own(tmp_path, monkeypatch, model_penalty, overrides, winner, used,
+                                                source):
+    def build(method, vocab, upstream, device):
+        model = CloseCall(method.name, vocab.num_classes)
+        if model_penalty is not None:
+            model.seen_penalty = model_penalty
+        return model
+
+    monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "close_model", build)
+    methods = [{"name": "close", "kind": "close_model", "protocol": "zegclip", "protocol_overrides": overrides}]
+    stage = make_stage(tmp_path, toy_config(methods=methods, max_images=1))
+    run_stage(stage)
+    sample = next(iter(iter_tar_samples(str(Path(stage.context.output_url) / "000000.tar"))))
+    assert np.unique(read_label_png(sample["close.png"])).tolist() == [winner]
+    record = read_metrics(stage)["methods"]["close"]
+    assert record["protocol"]["seen_penalty"] == used and record["seen_penalty_source"] == source
+
+
 def test_unseen_only_lut_keeps_unseen_classes_in_vocab_order():
     vocab = load_vocab("toy")  # unseen: tree 5, dog 9, boat 10
     label = np.array([[5, 9, 10, 0], [11, 255, 7, 5]])
