@@ -130,7 +130,7 @@ class EvalStage(Stage):
         self.unseen_ids = list(self.eval_vocab.unseen_ids) if split else None  # GZSL S/U/hIoU only with both
         self.seen_ids = list(self.eval_vocab.seen_ids) if split else []  # the classes the seen penalty lowers
         self.protocols = {spec.name: spec.protocol for spec in self.methods}  # setup: the models' own penalties
-        self.penalties: dict[str, dict[str, Any]] = {}
+        self.applied: dict[str, dict[str, Any]] = {}  # setup: per method what the workers scored with
         self._reset()
 
     def _eval_vocabulary(self) -> tuple[Vocabulary, np.ndarray | None]:
@@ -212,9 +212,10 @@ class EvalStage(Stage):
                            for spec in self.methods if not spec.is_labels}
         logits_methods = [spec for spec in self.methods if not spec.is_labels]
         self.protocols = {spec.name: effective_protocol(spec, self.predictors[spec.name]) for spec in logits_methods}
-        self.penalties = {spec.name: {"value": self.protocols[spec.name].seen_penalty,
-                                      "source": penalty_source(spec, self.predictors[spec.name])}
-                          for spec in logits_methods}
+        self.applied = {spec.name: {"seen_penalty": self.protocols[spec.name].seen_penalty,
+                                    "source": penalty_source(spec, self.predictors[spec.name]),
+                                    "knn_postprocess": self.protocols[spec.name].knn_postprocess}
+                        for spec in logits_methods}
 
     def _reset(self) -> None:
         size, ignore = self.eval_vocab.num_classes, self.eval_vocab.ignore_index
@@ -319,7 +320,7 @@ class EvalStage(Stage):
         """Per method: the shard's confusion matrix (and labels coverage/missing counts); report candidates."""
         extra = {"confusion": {name: cm.to_dict() for name, cm in self.matrices.items()},
                  "coverage": self.coverage, "missing": self.missing, "report_keys": self.report_keys,
-                 "seen_penalty": self.penalties}
+                 "applied": self.applied}
         self._reset()
         return extra
 
@@ -354,10 +355,12 @@ class EvalStage(Stage):
         result = compute_metrics(matrix, list(self.eval_vocab.names), unseen_ids=self.unseen_ids,
                                  miou_denominator=spec.miou_denominator)
         result.update(spec.record())
-        used = {json.dumps(m.extra.get("seen_penalty", {}).get(spec.name)) for m in done} - {"null"}
-        if len(used) == 1:  # the penalty the workers scored with (the trained model's own, unless overridden)
-            penalty = json.loads(used.pop())
-            result["protocol"]["seen_penalty"], result["seen_penalty_source"] = penalty["value"], penalty["source"]
+        used = {json.dumps(m.extra.get("applied", {}).get(spec.name), sort_keys=True) for m in done} - {"null"}
+        if len(used) == 1:  # what the workers scored with: the model's own penalty (unless overridden), its K-NN
+            applied = json.loads(used.pop())
+            result["protocol"]["seen_penalty"] = applied["seen_penalty"]
+            result["protocol"]["knn_postprocess"] = applied["knn_postprocess"]
+            result["seen_penalty_source"] = applied["source"]
         if spec.is_labels:
             labelled = sum(m.extra["coverage"][spec.name][0] for m in done)
             valid = sum(m.extra["coverage"][spec.name][1] for m in done)

@@ -340,7 +340,8 @@ def test_report_and_metrics_files(tmp_path, oracle_kind):
     ({"methods": [{"name": "m", "kind": "maskclip", "logit_scale": "big"}]},
      r"evaluate\.methods\[0\]\.logit_scale='big': expected float"),
     ({"methods": [{"name": "m", "kind": "labels", "input": "pseudo"}]}, r"methods\[0\]\.input='pseudo'"),
-    ({"methods": [{"name": "m", "kind": "maskclip", "knn": True}]}, "K-NN post-processing"),
+    ({"methods": [{"name": "m", "kind": "labels", "input": "pseudo", "knn": True}], "inputs": {"pseudo": "p"}},
+     "K-NN post-processing"),
     ({"methods": [{"name": "m.png", "kind": "maskclip"}]}, r"methods\[0\]\.name"),
     ({"methods": [{"name": "m", "kind": "mystery"}]}, r"kind='mystery'"),
     ({"protocol_overrides": {"crop_size": 3}}, r"unknown protocol key\(s\) \['crop_size'\]"),
@@ -395,3 +396,32 @@ def test_trained_methods_get_knn_from_the_protocol_unless_they_set_it(tmp_path, 
     wrong = make_stage(tmp_path, config, upstream={"model": "wrong"})
     with pytest.raises(ValueError, match="'ifseg': the model predicts 13 classes, the vocabulary 'toy' has 12"):
         wrong.setup()
+
+
+def test_maskclip_knn_only_when_asked_and_the_protocol_records_what_the_predictor_applied(tmp_path, monkeypatch):
+    built = []
+
+    def build_maskclip(method, vocab, upstream, device):
+        model = ColourModel(method.name, vocab.num_classes)
+        model.knn = bool(method.knn)
+        built.append((method.name, method.knn))
+        return model
+
+    def build_trained(method, vocab, upstream, device):  # a trained model that is not IFSeg ignores the request
+        model = ColourModel(method.name, vocab.num_classes)
+        model.knn = False
+        return model
+
+    monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "maskclip", build_maskclip)
+    monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "trained", build_trained)
+    methods = [{"name": "maskclip", "kind": "maskclip"},  # ifseg preset's knn_postprocess is for trained models
+               {"name": "maskclip_knn", "kind": "maskclip", "knn": True},
+               {"name": "align", "kind": "trained", "input": "model"}]
+    stage = make_stage(tmp_path, toy_config(inputs={"model": "m"}, methods=methods, max_images=1),
+                       upstream={"model": "output"})
+    assert [spec.entry.knn for spec in stage.methods] == [False, True, True]
+    run_stage(stage)
+    assert built == [("maskclip", False), ("maskclip_knn", True)]
+    recorded = read_metrics(stage)["methods"]
+    assert [recorded[name]["protocol"]["knn_postprocess"] for name in ("maskclip", "maskclip_knn", "align")] == [
+        False, True, False]

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import ConfigError
 from pipeline.data.vocab import load_vocab
+from pipeline.methods.ifseg import knn_postprocess
+from pipeline.models.preprocess import normalize
 from pipeline.predict.load_trained import load_trained
 from pipeline.run import compose, run
 from pipeline.shards import open_stage
@@ -53,8 +56,15 @@ def test_predictor_serves_any_vocabulary(tmp_path):
     three = load_trained(output, subset).logits(pixels)
     assert three.shape == (1, 3, 60, 52)
     assert torch.allclose(three, toy.logits(pixels)[:, [0, 2, 7]], atol=1e-4)  # same model, classifier subset
-    knn = load_trained(output, load_vocab("toy"), knn=True).logits(pixels)
-    assert torch.allclose(knn.softmax(1).sum(1), torch.ones(1, 60, 52), atol=1e-4)
+    served = load_trained(output, load_vocab("toy"), knn=True)
+    knn = served.logits(pixels)
+    # IFSeg §1.5: K = 3 neighbours of the *backbone* features, 25 rounds on softmax probabilities, then upsample
+    # the probabilities (bilinear) to the padded size (60x52 -> 64x56 at patch 8) and crop back.
+    features, _ = served.clip.dense_features(F.pad(normalize(pixels, served.clip.mean, served.clip.std), (0, 4, 0, 4)))
+    grid = knn_postprocess(served.model(features), features, k=3, iterations=25)
+    expected = F.interpolate(grid, size=(64, 56), mode="bilinear", align_corners=False)[:, :, :60, :52]
+    assert torch.allclose(knn, expected, atol=1e-5)
+    assert not torch.allclose(knn, toy.logits(pixels).softmax(1), atol=1e-2)  # propagation changed the scores
 
 
 def test_wrong_ports_for_method_fail_before_work(tmp_path):
