@@ -79,3 +79,11 @@ def test_no_eval_method_of_the_presets_overrides_the_seen_penalty(coco):
                 assert "seen_penalty" not in node.get("protocol_overrides", {}), name
                 for method in node["methods"]:
                     assert "seen_penalty" not in method.get("protocol_overrides", {}), (name, method["name"])
+
+
+def test_zegclip_inductive_and_transductive_rows_read_models_of_their_mode(coco):
+    methods = {m["name"]: m for m in coco["eval"]["methods"]}
+    ports = coco["eval"]["inputs"]
+    assert coco[ports[methods["zegclip"]["input"]]]["zegclip"].get("mode", "inductive") == "inductive"
+    assert coco[ports[methods["zegclip_transductive"]["input"]]]["zegclip"]["mode"] == "transductive"
+    assert methods["maskclip_knn"]["knn"] is True and methods["maskclip"].get("knn") is None
