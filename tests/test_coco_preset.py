@@ -58,7 +58,7 @@ def test_ifseg_table1_unseen15_is_trained_on_grids_of_the_15_unseen_words(coco):
 def test_eval_unseen15_scores_that_model_on_the_same_15_words(coco):
     nodes = dag.build_nodes(coco)
     stage = driver_stage(nodes["eval_unseen15"], coco)
-    assert [(m.kind, m.input) for m in stage.methods] == [("trained", "ifseg")]
+    assert [(m.kind, m.input) for m in stage.methods] == [("trained", "ifseg"), ("maskclip", None)]
     trained_on = load_vocab(coco["train_ifseg_unseen15"]["vocab"])
     assert sorted(stage.eval_vocab.names) == sorted(trained_on.names) and len(trained_on.names) == 15
     assert stage.cfg.gt_filter == "unseen_only"
