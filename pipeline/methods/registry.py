@@ -117,8 +117,6 @@ class IFSegPredictor:
         return self.method.postprocess(logits, features) if self.knn else logits
 
 
-
-
 class AlignPredictor:
     """DINOv2 -> alignment module -> cosine similarity with the vocabulary's text prototypes (no K-NN)."""
 

@@ -34,9 +34,12 @@ class Predictor(Protocol):
         name: method name (report column, prediction file stem).
         num_classes: C, the number of classes of the eval vocabulary; logits are in its train-id order.
 
-    Optional attribute (read with getattr): `seen_penalty`, a float the trained model prescribes for its seen
-    classes at test time (ZegCLIP: 0.1 inductive, 0.0 transductive); the eval stage uses it instead of the
-    protocol preset's unless `protocol_overrides` set one (`stages.evaluate.methods.effective_protocol`).
+    Optional attributes (read with getattr; `stages.evaluate.methods.effective_protocol`):
+        seen_penalty: a float the trained model prescribes for its seen classes at test time (ZegCLIP: 0.1
+            inductive, 0.0 transductive); the eval stage uses it instead of the protocol preset's unless
+            `protocol_overrides` set one.
+        knn: True when `logits` returns IFSeg-K-NN-propagated probabilities instead of logits; the engine then
+            applies no score transform (absent: the protocol's `knn_postprocess` says).
     """
 
     name: str
