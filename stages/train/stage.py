@@ -59,7 +59,7 @@ class TrainStage(Stage):
     """Unsharded stage: `run_unsharded` drives Ray Train (or the local backend) and writes model.pt."""
 
     kind = "train"
-    code_version = "1"
+    code_version = "2"  # 2: release ZegCLIP recipe (mmseg crops, no clip, reset at switch, double CLS), IFSeg words
     schema = "model/1"
     sharded = False
     uses_models = True
