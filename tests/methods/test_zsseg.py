@@ -3,6 +3,7 @@ loss, pair sampling and resumable batches, the λ ensemble, mask averaging and p
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -185,8 +186,11 @@ def test_crop_labeller_ensemble_moves_a_mask_to_the_models_seen_class(clip) -> N
 
 TINY_DEMO = [  # pseudolabel (GT kept) -> train_zsseg -> eval (SAM proposals x learned prompts) and a crop labeller
     "executor=local", "toy.train_images=6", "toy.val_images=2", "toy.size=64", "pseudolabel.samples_per_shard=3",
-    "pseudolabel.amg.points_per_side=4", "pseudolabel.report.enabled=false", "train_zsseg.loop.steps=4",
-    "train_zsseg.loop.checkpoint_every=2", "+train_zsseg.zsseg.samples_per_class=4", "train_zsseg.batch_size=8",
+    "pseudolabel.amg.points_per_side=4", "pseudolabel.report.enabled=false",
+    "+stage@train_zsseg=train", "++train_zsseg.inputs.images=pseudolabel", "train_zsseg.method=zsseg",
+    "train_zsseg.label_file=gt.png", "++train_zsseg.zsseg.samples_per_class=4", "++train_zsseg.zsseg.min_mask_area=20",
+    "++train_zsseg.zsseg.amg.points_per_side=4", "train_zsseg.batch_size=8", "train_zsseg.loop.steps=4",
+    "train_zsseg.loop.checkpoint_every=2",
     "~eval.inputs", "+eval.inputs.zsseg=train_zsseg", "eval.num_report_samples=0", "eval.samples_per_shard=2",
     "eval.methods=[{name:zsseg,kind:trained,input:zsseg,protocol:zsseg,protocol_overrides:{short_side:64}}]",
     "+stage@pseudolabel_zsseg=pseudolabel", "+pseudolabel_zsseg.inputs.prompts=train_zsseg",
@@ -254,3 +258,16 @@ def test_zsseg_trains_from_ground_truth_shards_and_serves_eval_and_the_crop_labe
         differs += int((learned != template).sum())
         assert decode_label_png(sample["label.png"]).shape == image.shape[:2]
     assert differs > 0, "template crop labels are the same: this check needs masks where they differ"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["+pseudolabel.inputs.prompts=train_ifseg"], "set pseudolabel.labeler=crop"),
+    (["+pseudolabel.inputs.teacher=train_ifseg", "pseudolabel.labeler=crop"], "unknown port(s) ['teacher']"),
+])
+def test_crop_labeller_ports_are_checked_before_any_work(tmp_path, extra, message) -> None:
+    from pipeline.config import ConfigError
+    from pipeline.run import compose, run
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run(compose("demo", [f"output_root={tmp_path}", "executor=local", "stages=[pseudolabel]", *extra]))
+    assert not (tmp_path / "pseudolabel").exists()
