@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.models.configs import ClipConfig, Dinov2Config
+from pipeline.models.configs import AmgConfig, ClipConfig, Dinov2Config, SamConfig
 from pipeline.train.configs import AugmentConfig, Schedule
 
-MethodName = Literal["ifseg", "align", "zegclip"]  # the keys of `pipeline.methods.registry.METHODS`
+MethodName = Literal["ifseg", "align", "zegclip", "zsseg"]  # the keys of `pipeline.methods.registry.METHODS`
 
 
 @dataclass
@@ -182,6 +182,51 @@ class ZegCLIPConfig:
             raise ValueError(f"zegclip.st_start_fraction must lie in [0, 1], got {self.st_start_fraction}")
 
 
+# --- zsseg (methods-spec §2.1) -------------------------------------------------------------------------------------
+@dataclass
+class ZSSegConfig:
+    """Knobs of ZSSeg's learned prompts (Stage A) and its test-time proposal classification (Stage C, SAM proposals).
+
+    Defaults are the release's COCO prompt-learning config (`zero_shot_proposal_classification_learn_prompt_bs32_10k`,
+    methods-spec §2.1): 16 context vectors, N(0, 0.02) init, 32 crops per seen class, SGD lr 0.02, momentum 0.9,
+    weight decay 5e-4, cosine after 100 constant-factor (0.005) warm-up steps, logits 100·cos. Batch (32) and steps
+    (16,000) are the train node's `batch_size` and `loop.steps`.
+
+    Attributes:
+        n_ctx: learned prefix tokens between [SOS] and the class name.
+        ctx_init_std: std of their normal init.
+        samples_per_class: (image, seen-class GT mask) pairs drawn per seen class, with replacement (release: 32).
+        sample_seed: seed of that draw (release: SAMPLE_SEED 0).
+        flip: also train on the mirrored crop (drawn p = 0.5 per sample; the release's RandomFlip).
+        logit_scale: multiplier of the cosine similarities in the CE (release: 100).
+        lr, momentum, weight_decay: SGD.
+        warmup_steps, warmup_factor: constant warm-up (lr x factor) before the cosine decay.
+        sam, amg, min_mask_area, min_predicted_iou: the test-time proposal generator (SAM replaces MaskFormer).
+    """
+
+    n_ctx: int = 16
+    ctx_init_std: float = 0.02
+    samples_per_class: int = 32
+    sample_seed: int = 0
+    flip: bool = True
+    logit_scale: float = 100.0
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 100
+    warmup_factor: float = 0.005
+    sam: SamConfig = field(default_factory=SamConfig)
+    amg: AmgConfig = field(default_factory=AmgConfig)
+    min_mask_area: int = 100
+    min_predicted_iou: float = 0.88
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 1 or self.samples_per_class < 1:
+            raise ValueError(f"zsseg.n_ctx and zsseg.samples_per_class must be >= 1, got {self.n_ctx}, "
+                             f"{self.samples_per_class}")
+# --- end zsseg ------------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class MethodConfig:
     """What defines a trained model: the method, its knobs, its frozen backbones and how class names become prompts.
@@ -190,12 +235,12 @@ class MethodConfig:
     `pipeline.predict.load_trained` reads these fields back to rebuild the model for any vocabulary.
 
     Attributes:
-        method: "ifseg" | "align" | "zegclip".
+        method: "ifseg" | "align" | "zegclip" | "zsseg".
         name_variant: vocabulary name variant for the prompts (e.g. "ifseg", "maskclip"); None = official names.
         prompt_templates: `pipeline.models.prompts` template set of the text classifier (e.g. "maskclip85").
         clip: the CLIP of every method (IFSeg's features and text classifier; ZegCLIP's backbone; align's text).
         dinov2: the frozen feature extractor of `align`.
-        ifseg, align, zegclip: the knobs of each method (only the chosen method's are used).
+        ifseg, align, zegclip, zsseg: the knobs of each method (only the chosen method's are used).
     """
 
     method: MethodName = "ifseg"
@@ -206,3 +251,4 @@ class MethodConfig:
     ifseg: IFSegConfig = field(default_factory=IFSegConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     zegclip: ZegCLIPConfig = field(default_factory=ZegCLIPConfig)
+    zsseg: ZSSegConfig = field(default_factory=ZSSegConfig)

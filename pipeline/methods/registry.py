@@ -31,10 +31,11 @@ class BuiltMethod:
     """One method built for one vocabulary on one device.
 
     Attributes:
-        method: the method object (`IFSegMethod`, `AlignMethod`, `ZegCLIPMethod`): loss, optimiser, prediction.
+        method: the method object (`IFSegMethod`, `AlignMethod`, `ZegCLIPMethod`, `ZSSegMethod`): loss, optimiser,
+            prediction.
         model: its trainable network on the device (fresh weights; load trained ones into it).
-        backbone: the frozen feature extractor outside `model`: a `Clip` (ifseg), a `Dinov2` (align), or None
-            (zegclip: its CLIP tower is inside `model`).
+        backbone: the frozen feature extractor outside `model`: a `Clip` (ifseg, zsseg), a `Dinov2` (align), or
+            None (zegclip: its CLIP tower is inside `model`).
     """
 
     method: Any
@@ -158,8 +159,28 @@ class MethodEntry:
     predictor: Callable[[BuiltMethod, bool], Any]
 
 
+# --- zsseg (methods-spec §2.1): learned prompts; its predictor classifies SAM proposals (zsseg_predict) ----------
+def build_zsseg(cfg: MethodConfig, vocab: Vocabulary, device: torch.device) -> BuiltMethod:
+    """ZSSeg's learned prompts (`PromptLearner`) over CLIP's frozen text tower; CLIP itself is the backbone."""
+    from pipeline.methods.zsseg import ZSSegMethod
+
+    clip = build_clip(cfg, device)
+    method = ZSSegMethod(cfg.zsseg, clip.model, clip.tokenizer, vocab.prompt_names(cfg.name_variant),
+                         vocab.seen_ids)
+    return BuiltMethod(method, method.build_model().to(device), clip)
+
+
+def zsseg_predictor(built: BuiltMethod, knn: bool = False) -> Any:
+    """`pipeline.methods.zsseg_predict.ZSSegPredictor` (SAM proposals x learned-prompt crop classification)."""
+    from pipeline.methods.zsseg_predict import ZSSegPredictor
+
+    return ZSSegPredictor(built, knn)
+# --- end zsseg -------------------------------------------------------------------------------------------------
+
+
 METHODS: dict[str, MethodEntry] = {
     "ifseg": MethodEntry(build_ifseg, IFSegPredictor),
     "align": MethodEntry(build_align, AlignPredictor),
     "zegclip": MethodEntry(build_zegclip, ZegCLIPPredictor),
+    "zsseg": MethodEntry(build_zsseg, zsseg_predictor),
 }

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from pipeline.models.sliding import ClipCanvas, SlidingFeatures
 
 SCHEMA = "pseudolabel/1"
+CROP_PORTS = ("prompts", "model")  # optional inputs of the crop labeller (ZSSeg learned prompts, λ-ensemble model)
 METHOD_KNOBS = ("vocab", "prompt_templates", "name_variant", "crop", "stride", "image_short_side", "min_crops",
                 "top_k", "mode", "merge_policy", "amg", "min_mask_area", "min_predicted_iou", "labeler")
 SAMPLE_FILES = {
@@ -68,7 +69,12 @@ class PseudoLabelConfig:
         amg: SAM's automatic mask generator (stage 1.2).
         min_mask_area: smallest kept automatic mask, pixels of the original image.
         min_predicted_iou: smallest kept SAM predicted IoU of an automatic mask.
-        labeler: stage 1.2 labeller, "dense" (Seifi et al.) or "crop" (ZSSeg).
+        labeler: stage 1.2 labeller, "dense" (Seifi et al.) or "crop" (ZSSeg). The crop labeller takes optional
+            input ports: `prompts` (a zsseg train node: its learned prompts replace the templates) and `model` (a
+            train node: ZSSeg's λ ensemble with its mask-averaged class probabilities).
+        ensemble_weight: ZSSeg's λ (release 0.8; <= 0 = CLIP only), used with port `model`.
+        model_protocol, model_protocol_overrides: the test-time protocol under which port `model` scores an image
+            (its per-pixel probabilities, averaged over each mask, are p_MF).
         image_format: "jpg", "png" or "none" (only a reference in json.source).
         jpeg_quality: JPEG quality (4:4:4 chroma) when image_format = "jpg".
         keep_ground_truth: write gt.png when the input has ground truth.
@@ -98,6 +104,9 @@ class PseudoLabelConfig:
     min_mask_area: int = 100
     min_predicted_iou: float = 0.88
     labeler: Literal["dense", "crop"] = "dense"
+    ensemble_weight: float = 0.8
+    model_protocol: str = "ifseg"
+    model_protocol_overrides: dict[str, Any] = field(default_factory=dict)
     image_format: Literal["jpg", "png", "none"] = "jpg"
     jpeg_quality: int = 95
     keep_ground_truth: bool = True
@@ -140,6 +149,21 @@ class PseudoLabelStage(Stage):
         self.adapter = checked_adapter(self.cfg.data, self.vocab, node)
         self.quality = QualityAccumulator(self.vocab)
         self.mask_counts = dict.fromkeys(PRODUCERS, 0)
+        self._check_ports()
+
+    def _check_ports(self) -> None:
+        """Ports `prompts` and `model` (both optional) feed the crop labeller only."""
+        node, ports = self.context.node, set(self.context.config.get("inputs") or {})
+        if ports - set(CROP_PORTS):
+            raise ConfigError(f"{node}.inputs: unknown port(s) {sorted(ports - set(CROP_PORTS))}; the pseudolabel "
+                              f"stage takes only {list(CROP_PORTS)} (optional, for labeler: crop)")
+        if ports and self.cfg.labeler != "crop":
+            raise ConfigError(f"{node}.inputs {sorted(ports)} feed ZSSeg's crop labeller; set {node}.labeler=crop")
+        if "model" in ports:
+            from pipeline.predict.protocol import load_protocol
+
+            self.model_protocol = load_protocol(self.cfg.model_protocol, [self.cfg.model_protocol_overrides],
+                                                f"{node}.model_protocol")
 
     def identities(self) -> dict[str, str]:
         try:
@@ -167,7 +191,26 @@ class PseudoLabelStage(Stage):
             raise ConfigError(f"{self.context.node}.crop={self.crop} and .stride={self.stride} must be multiples of "
                               f"CLIP {self.clip.cfg.model_name}'s patch size {patch}")
         self.text = self.clip.encode_text(self.vocab.prompt_names(self.cfg.name_variant), self.templates)
+        self.crop_text, self.mf = self._crop_labeller_inputs()
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.context.node}-encode")
+
+    def _crop_labeller_inputs(self) -> tuple[Any, Any]:
+        """(text features of the crop labeller: the learned prompts of port `prompts` or the templates', the
+        predictor of port `model` or None)."""
+        from pipeline.predict.load_trained import load_trained
+
+        upstream, node, device = self.context.upstream, self.context.node, str(self.clip.device)
+        text, model = self.text, None
+        if "prompts" in upstream:
+            prompts = load_trained(upstream["prompts"], self.vocab, device)
+            if getattr(prompts, "name", None) != "zsseg" or prompts.clip.identity != self.clip.identity:
+                raise ConfigError(f"{node}.inputs.prompts must be a zsseg train node with this node's CLIP "
+                                  f"({self.clip.identity}); got {getattr(prompts, 'name', '?')} on "
+                                  f"{getattr(getattr(prompts, 'clip', None), 'identity', '?')}")
+            text = prompts.text.to(self.clip.device)
+        if "model" in upstream:
+            model = load_trained(upstream["model"], self.vocab, device)
+        return text, model
 
     def load(self, item: ItemRef) -> Loaded:
         from pipeline.models.sliding import short_side_scale
@@ -232,12 +275,27 @@ class PseudoLabelStage(Stage):
             return []
         records, masks = [records[i] for i in keep], masks[keep]
         if cfg.labeler == "crop":
-            ids, _ = steps.label_masks_by_crops(image, masks, self.clip, self.text[present], present,
-                                                self.clip.cfg.image_batch_size)
+            ids, _ = steps.label_masks_by_crops(image, masks, self.clip, self.crop_text[present], present,
+                                                self.clip.cfg.image_batch_size, *self._p_mf(image, masks, present),
+                                                weight=cfg.ensemble_weight)
         else:
             ids, _ = steps.label_masks_by_dense_features(masks, feats.features.cpu().numpy(), feats.patch_stride_px,
                                                          text[present], present)
         return steps.labelled_automatic_masks(records, masks, ids)
+
+    def _p_mf(self, image: np.ndarray, masks: np.ndarray, present: np.ndarray) -> tuple[Any, Any]:
+        """(p_MF float [N, K]: port `model`'s per-pixel scores averaged over each mask, the present classes'
+        columns, not renormalised; seen flags bool [K]), or (None, None) without port `model`."""
+        if self.mf is None:
+            return None, None
+        from pipeline.methods.zsseg_crops import mask_average
+        from pipeline.predict.engine import predict_scores
+
+        vocab = self.vocab
+        scores = predict_scores(image, self.mf.logits, self.model_protocol, vocab.num_classes, vocab.seen_ids,
+                                self.clip.device).float().cpu().numpy()
+        seen = np.isin(present, np.asarray(vocab.seen_ids, dtype=np.int64))
+        return mask_average(scores, masks)[:, present], seen
 
     def _encode(self, record: ImageRecord, result: steps.PseudoLabels) -> SampleOutput:
         """The files of one "pseudolabel/1" sample: image, label.png, masks.json, gt.png, json (docs/schema.md)."""
@@ -259,10 +317,17 @@ class PseudoLabelStage(Stage):
         return {"schema": SCHEMA, "key": record.key, "source": record.meta.get("source", ""),
                 "dataset": record.meta.get("dataset"), "orig_size": list(record.image.shape[:2]),
                 "notes": record.meta.get("notes", []), "vocab": self.vocab.name, "vocab_digest": self.vocab.digest(),
-                "models": {"clip": self.clip.identity, "sam": self.sam.identity},
+                "models": {"clip": self.clip.identity, "sam": self.sam.identity, **self._upstream_models()},
                 "config": {**knobs, "crop": self.crop, "stride": self.stride},
                 "present_classes": result.present.tolist(),
                 "num_masks": {p: sum(m.producer == p for m in result.kept) for p in PRODUCERS}}
+
+    def _upstream_models(self) -> dict[str, Any]:
+        """Fingerprints of the crop labeller's input ports (absent without them), and λ with port `model`."""
+        found = {port: self.context.upstream[port].fingerprint for port in CROP_PORTS if port in self.context.upstream}
+        if "model" in found:
+            found["ensemble_weight"] = self.cfg.ensemble_weight
+        return found
 
     def fold(self, outputs: Sequence[SampleOutput]) -> None:
         for output in outputs:

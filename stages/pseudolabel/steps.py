@@ -14,7 +14,10 @@ For each image and a vocabulary of M classes (text features T [M, D], one templa
    predicted IoU >= `min_predicted_iou` (`keep_automatic_mask`), are labelled among the present classes either by
    the mean dense CLIP feature inside the mask (`label_masks_by_dense_features`, Seifi et al.) or, with
    ``labeler=crop``, ZSSeg's way (`label_masks_by_crops`: bounding-box crop, outside filled with CLIP's mean
-   colour, square bicubic resize to CLIP's input side, CLIP image encoder).
+   colour, square bicubic resize to CLIP's input side, CLIP image encoder). The crop labeller reads ZSSeg's
+   learned prompts from input port `prompts` (a zsseg train node) instead of the templates, and with input port
+   `model` (any train node) ensembles per class with that model's mask-averaged probabilities (ZSSeg's λ
+   ensemble, `ensemble_weight`, in place of MaskFormer's class branch).
 5. **Merge** (`merge`). ``stage11_first``: stage 1.1 labels win where masks overlap and stage 1.2 fills pixels
    1.1 left uncovered (methods-spec §6.2's reading); ``highest_score``: every pixel takes the mask with the highest
    SAM predicted IoU. Inside one producer, overlapping masks also resolve by highest score (first mask on ties).
@@ -36,6 +39,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+from pipeline.methods.zsseg_crops import crop_probabilities, ensemble
+from pipeline.methods.zsseg_crops import mask_crop as mask_crop  # ZSSeg's masked crop, used by label_masks_by_crops
 
 if TYPE_CHECKING:
     import torch
@@ -183,30 +189,16 @@ def label_masks_by_dense_features(masks: np.ndarray, features: np.ndarray, patch
     return np.asarray(class_ids, dtype=np.int64)[best], sim[np.arange(len(best)), best].astype(np.float32)
 
 
-def mask_crop(image: np.ndarray, mask: np.ndarray, fill_rgb: Sequence[int]) -> np.ndarray:
-    """ZSSeg's masked crop: the mask's tight bounding box, pixels outside the mask set to `fill_rgb`.
-
-    Args:
-        image: uint8 [H, W, 3] RGB.
-        mask: bool [H, W] with at least one pixel.
-        fill_rgb: fill colour (ZSSeg: CLIP's mean colour, 255 * (0.4815, 0.4578, 0.4082)).
-
-    Returns:
-        uint8 [h, w, 3], h x w = the box size in pixels (expand ratio 1.0).
-    """
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    crop = image[y0:y1, x0:x1].copy()
-    crop[~mask[y0:y1, x0:x1]] = np.asarray(fill_rgb, dtype=np.uint8)
-    return crop
-
-
 def label_masks_by_crops(image: np.ndarray, masks: np.ndarray, clip: Clip, text: torch.Tensor,
-                         class_ids: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """ZSSeg stage C labelling: CLIP image embedding of each masked crop vs the present classes.
+                         class_ids: np.ndarray, batch_size: int = 32, p_mf: np.ndarray | None = None,
+                         seen: np.ndarray | None = None, weight: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+    """ZSSeg stage C labelling: CLIP image embedding of each masked crop vs the present classes, optionally
+    ensembled with another classifier's probabilities (`pipeline.methods.zsseg_crops`).
 
     Each `mask_crop` (fill = CLIP's mean colour) is resized to CLIP's square input side (bicubic; 224 for
-    ViT-B/16), normalised, encoded; logits = 100 * cos against the text features, softmax over the K classes.
+    ViT-B/16), normalised, encoded; p_CLIP = softmax over the K classes of 100 * cos against the text features
+    (hand-written templates, or ZSSeg's learned prompts). With `p_mf`, the λ ensemble: seen classes
+    p_MF^λ · p_CLIP^(1-λ), unseen p_MF^(1-λ) · p_CLIP^λ (λ = `weight`; <= 0 = CLIP only).
 
     Args:
         image: uint8 [H, W, 3] RGB.
@@ -215,19 +207,16 @@ def label_masks_by_crops(image: np.ndarray, masks: np.ndarray, clip: Clip, text:
         text: float [K, D] text features of the present classes.
         class_ids: int [K] their train ids.
         batch_size: crops per image-encoder call (does not change results).
+        p_mf: float [N, K] the trained model's mask-averaged probabilities of those classes, or None.
+        seen: bool [K] seen flags of those classes (needed with `p_mf`).
+        weight: λ.
 
     Returns:
-        (int64 [N] train ids, float32 [N] softmax probability of the chosen class).
+        (int64 [N] train ids, float32 [N] the chosen class's (ensembled) probability).
     """
-    import torch
-
-    fill = [round(255 * m) for m in clip.mean]
-    probs = []
-    for start in range(0, len(masks), batch_size):
-        chunk = masks[start:start + batch_size]
-        crops = [clip.preprocess(mask_crop(image, m, fill), size=clip.image_size) for m in chunk]
-        probs.append(torch.softmax(clip.classify_crops(torch.cat(crops), text), dim=1).cpu().numpy())
-    prob = np.concatenate(probs) if probs else np.zeros((0, len(class_ids)), np.float32)
+    prob = crop_probabilities(clip, image, masks, text, 100.0, batch_size)
+    if p_mf is not None:
+        prob = ensemble(prob, p_mf, np.asarray(seen, dtype=bool), weight)
     best = np.argmax(prob, axis=1)
     return np.asarray(class_ids, dtype=np.int64)[best], prob[np.arange(len(best)), best].astype(np.float32)
 

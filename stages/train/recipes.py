@@ -140,5 +140,39 @@ def zegclip_recipe(inputs: RecipeInputs) -> Recipe:
                   lambda step: method.learning_rate(step, steps, base) / base, method.cfg.grad_clip, reset)
 
 
+# --- zsseg (methods-spec §2.1 Stage A) ----------------------------------------------------------------------------
+def zsseg_recipe(inputs: RecipeInputs) -> Recipe:
+    """Learned prompts on frozen CLIP features of masked seen-class GT crops (`label_file: gt.png`), 32 per class.
+
+    The crops are encoded once (`pipeline.methods.zsseg_data`); each step runs the text tower over the seen classes'
+    prompts and the CE of 100 · cos against a batch of crop features.
+    """
+    from pipeline.methods.zsseg_data import class_images, draw_pairs, encode_pairs, feature_batches
+    from pipeline.train.fit import rank_and_world
+
+    built = build(inputs)
+    method, clip, cfg, output = built.method, built.backbone, inputs.cfg, inputs.upstream["images"]
+    seen = list(inputs.vocab.seen_ids)
+    pairs = draw_pairs(class_images(output, cfg.label_file, seen), cfg.zsseg.samples_per_class,
+                       cfg.zsseg.sample_seed)
+    if not pairs:
+        raise ValueError(f"no seen class of {inputs.vocab.name!r} occurs in {cfg.label_file} of {output.path}")
+    data = encode_pairs(output, pairs, clip, cfg.label_file, cfg.zsseg.flip, clip.cfg.image_batch_size)
+    position = {c: i for i, c in enumerate(seen)}
+    targets = torch.tensor([position[int(c)] for c in data.classes], dtype=torch.int64)
+    stream_seed = f"{inputs.seed}-{rank_and_world()[0]}"
+
+    def batches(start: int) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in feature_batches(data, targets, inputs.per_rank_batch, stream_seed, start):
+            yield {k: v.to(inputs.device) for k, v in batch.items()}
+
+    def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+        return method.loss(m, batch["features"], batch["targets"])
+
+    return Recipe(built.model, method.build_optimizer(built.model), loss, batches,
+                  method.lr_factor(cfg.loop.steps))
+# --- end zsseg -------------------------------------------------------------------------------------------------
+
+
 RECIPES: dict[str, Callable[[RecipeInputs], Recipe]] = {
-    "ifseg": ifseg_recipe, "align": align_recipe, "zegclip": zegclip_recipe}
+    "ifseg": ifseg_recipe, "align": align_recipe, "zegclip": zegclip_recipe, "zsseg": zsseg_recipe}

@@ -11,6 +11,9 @@ alignment module with TSupCon (Seifi et al. stage 2), and ZegCLIP.
   patch labels voted from the pseudo-label maps (port `images`).
 - `zegclip`: deep prompt tuning of CLIP's image tower, relationship-descriptor queries, cross-attention decoder,
   NEL loss (port `images`; `label_file: gt.png` for seen-class ground truth); inductive or transductive.
+- `zsseg` (methods-spec §2.1 Stage A): 16 learned context vectors before the class name, through CLIP's frozen
+  text tower, trained by CE (100 · cos) on frozen CLIP features of masked crops of seen-class GT regions, 32 per
+  class (port `images` with `label_file: gt.png`); its predictor classifies SAM proposals with them.
 
 Each method's recipe is in `stages.train.recipes`; the loop, checkpoints and Ray Train in `pipeline.train`.
 Output: `<node>/<fingerprint>/model.pt` ({"method", "trainable", "config"}), `train_log.jsonl`, and
@@ -29,7 +32,8 @@ from pipeline.models.checkpoints import model_weights_identity
 from pipeline.stage import Stage, StageContext
 from pipeline.train.configs import LoopConfig, ScalingKnobs
 
-METHOD_PORTS = {"ifseg": ({"grids"}, {"images"}), "align": ({"images"},), "zegclip": ({"images"},)}
+METHOD_PORTS = {"ifseg": ({"grids"}, {"images"}), "align": ({"images"},), "zegclip": ({"images"},),
+                "zsseg": ({"images"},)}
 
 
 @dataclass
@@ -82,6 +86,10 @@ class TrainStage(Stage):
                "clip": model_weights_identity(clip.pretrained, clip.init_seed, f"{node}.clip.pretrained")}
         if self.cfg.method == "align":
             ids["dinov2"] = model_weights_identity(dinov2.weights, dinov2.init_seed, f"{node}.dinov2.weights")
+        if self.cfg.method == "zsseg":  # its test-time proposal generator
+            sam = self.cfg.zsseg.sam
+            ids["sam"] = model_weights_identity(sam.checkpoint, sam.init_seed, f"{node}.zsseg.sam.checkpoint",
+                                                allow_tags=False)
         return ids
 
     def run_unsharded(self) -> dict[str, Any]:
