@@ -196,7 +196,7 @@ def _execute(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
                 for port, up in node.inputs.items()}
     context = StageContext(node=node.name, seed=int(cfg["seed"]), config=node.config, upstream=upstream,
                            output_url=fs.unstrip_protocol(out_path), fingerprint=planned.value,
-                           executor=executor_kind)
+                           executor=executor_kind, forced=forced)
     stage = dag.stage_class(node.kind)(context)
     if not stage.sharded:
         extra = stage.run_unsharded()

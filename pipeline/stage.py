@@ -81,6 +81,8 @@ class StageContext:
         output_url: the fingerprint directory this run writes into.
         fingerprint: this node's fingerprint (the last component of `output_url`).
         executor: the run's executor ("ray" or "local"); "local" means no Ray anywhere, training included.
+        forced: this run was asked for with `force=[node]`: the stage starts from scratch and ignores partial state
+            it would otherwise resume from (a trainer's checkpoints).
     """
 
     node: str
@@ -90,6 +92,7 @@ class StageContext:
     output_url: str = ""
     fingerprint: str = ""
     executor: str = "ray"
+    forced: bool = False
 
 
 class Stage:

@@ -59,6 +59,11 @@ class CheckpointStore:
         for old in self.steps()[:-keep] if keep > 0 else []:
             self.fs.rm_file(self.path(old))
 
+    def clear(self) -> None:
+        """Delete every checkpoint (a forced re-run trains from step 0)."""
+        for step in self.steps():
+            self.fs.rm_file(self.path(step))
+
     def load_latest(self) -> dict[str, Any] | None:
         """The newest checkpoint's state, or None when there is none."""
         steps = self.steps()

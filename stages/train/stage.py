@@ -93,9 +93,11 @@ class TrainStage(Stage):
         return ids
 
     def run_unsharded(self) -> dict[str, Any]:
-        from pipeline.train.checkpoints import read_log
+        from pipeline.train.checkpoints import CheckpointStore, read_log
         from pipeline.train.fit import fit
 
+        if self.context.forced:  # force=[node]: train from step 0, not from the previous run's last checkpoint
+            CheckpointStore(self.context.output_url).clear()
         scaling = self.cfg.resources
         if self.context.executor == "local":
             scaling = replace(scaling, backend="local")

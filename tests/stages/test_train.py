@@ -46,6 +46,23 @@ def test_train_ifseg_on_word_grids_writes_model_and_log(tmp_path):
     assert [s.status for s in again] == ["up to date", "up to date"]
 
 
+def test_forced_training_starts_from_step_zero_not_from_the_last_checkpoint(tmp_path):
+    knobs = ["train_ifseg.loop.steps=6", "train_ifseg.loop.checkpoint_every=3", "train_ifseg.loop.log_every=1"]
+    run(compose("demo", overrides(tmp_path, *knobs)))
+    output = open_stage(str(tmp_path / "train_ifseg"))
+    first_log = Path(output.path, "train_log.jsonl").read_text()
+    first_model = read_model(output)["trainable"]
+    summaries = run(compose("demo", overrides(tmp_path, *knobs, "force=[train_ifseg]")))
+    assert [(s.node, s.status) for s in summaries] == [("wordgrid", "up to date"), ("train_ifseg", "ran")]
+    again = open_stage(str(tmp_path / "train_ifseg"))
+    rows = [json.loads(line) for line in Path(again.path, "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]  # trained again, not resumed at step 6
+    assert again.manifest["final_log"]["step"] == 6
+    assert len(first_log.splitlines()) == 6
+    second_model = read_model(again)["trainable"]
+    assert all(torch.equal(first_model[k], second_model[k]) for k in first_model)  # deterministic on CPU
+
+
 def test_predictor_serves_any_vocabulary(tmp_path):
     # without the word cross-attention a class's logits do not depend on the other words, so a subset vocabulary
     # must give exactly the full vocabulary's channels (with it, the words are context: see tests/methods)
