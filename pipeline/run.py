@@ -30,7 +30,7 @@ from pipeline.lease import LeaseConfig, LeaseHeld, LeaseLost, hold
 from pipeline.overrides import config_hint, split_data_overrides
 from pipeline.planning import plan_fingerprints, planned_fingerprint
 from pipeline.progress import Board
-from pipeline.shards import MANIFEST_NAME, ShardDone, StageOutput, join, read_done, write_pointer, write_stage_index
+from pipeline.shards import MANIFEST_NAME, ShardDone, StageOutput, join, read_dones, write_pointer, write_stage_index
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext
 from pipeline.threads import pinned_torch_threads
 
@@ -244,10 +244,8 @@ def _run_shards(stage: Stage, node: dag.Node, fs: fsspec.AbstractFileSystem, out
     fingerprint = planned.value
     done: dict[int, ShardDone] = {}
     if not forced:
-        for plan in plans:
-            marker = read_done(fs, out_path, plan.index, fingerprint)
-            if marker is not None and not (retry_failed and marker.failed):
-                done[plan.index] = marker
+        markers = read_dones(fs, out_path, [plan.index for plan in plans], fingerprint)
+        done = {index: marker for index, marker in markers.items() if not (retry_failed and marker.failed)}
         source = incremental.same_base(history, planned.base)
         done |= incremental.reuse_shards(fs, source, [p for p in plans if p.index not in done], digests, out_path,
                                          fingerprint, retry_failed)

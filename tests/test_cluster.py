@@ -49,6 +49,10 @@ def cluster():
             patch.setenv(name, value)
         patch.delenv("RAY_ADDRESS", raising=False)
         temp_dir = tempfile.mkdtemp(prefix="raycl", dir="/tmp")
+        # Ray writes the cluster's address to <RAY_TMPDIR>/ray/ray_current_cluster (it does not create the folder):
+        # here, not /tmp/ray, where a stale address file would capture other runs on this machine
+        os.makedirs(os.path.join(temp_dir, "ray"))
+        patch.setenv("RAY_TMPDIR", temp_dir)
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "temp_dir": temp_dir, "include_dashboard": False, "_system_config": FAST_HEALTH})
         for _ in range(3):
@@ -139,10 +143,10 @@ def record(root: Path, node: str) -> dict:
      r"3 x \{CPU: 2\}"),
     (["stages=[wordgrid,train_ifseg]", *WORDGRID, *TRAIN, "train_ifseg.resources.num_workers=8"],
      r"train_ifseg: the Ray Train worker group asks for 8 x \{CPU: 1\} at once.*room for 6"),
-    (["stages=[wordgrid]", "force=[wordgrid]", *WORDGRID, "wordgrid.resources.custom_resources={accelerator_a100:1}"],
+    (["stages=[wordgrid]", "force=[wordgrid]", *WORDGRID, "+wordgrid.resources.custom_resources.accelerator_a100=1"],
      r"wordgrid: each task asks for \{CPU: 1, accelerator_a100: 1\}.*room for 0.*3 x \{CPU: 2\}; lower "
      r"wordgrid.resources.num_cpus / custom_resources"),
-    (["stages=[wordgrid,train_ifseg]", *WORDGRID, *TRAIN, "train_ifseg.resources.custom_resources={tpu:1}"],
+    (["stages=[wordgrid,train_ifseg]", *WORDGRID, *TRAIN, "+train_ifseg.resources.custom_resources.tpu=1"],
      r"train_ifseg: the Ray Train worker group asks for 1 x \{CPU: 1, tpu: 1\} at once"),
 ])
 def test_a_request_the_cluster_cannot_place_fails_fast_naming_node_demand_and_cluster(cluster, work, capsys,

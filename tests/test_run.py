@@ -244,3 +244,30 @@ def test_only_nodes_that_run_in_the_driver_pin_its_threads():
     assert _driver_threads(node(torch_threads=3, backend="local"), "ray") == 3  # a local-backend trainer
     assert _driver_threads(node(torch_threads=3), "ray") == 0  # its work runs on Ray workers, which pin it there
     assert _driver_threads(node(), "local") == 0
+
+
+@pytest.mark.parametrize("protocol", ["file", "memory"])
+def test_resume_reads_every_valid_done_marker_in_one_listing_and_one_cat(tmp_path, protocol):
+    import fsspec
+
+    from pipeline.shards import commit_shard, read_done, read_dones
+
+    fs = fsspec.filesystem(protocol)
+    stage = str(tmp_path / "fp") if protocol == "file" else f"/resume-{os.getpid()}/fp"
+    sample = [SampleOutput("k", {"txt": b"x"})]
+    for index in range(5):
+        commit_shard(fs, stage, index, sample, "other" if index == 3 else "fp")
+    fs.pipe_file(f"{stage}/000001.tar", b"truncated")  # its marker's size no longer matches
+    fs.pipe_file(f"{stage}/000002.done.json", b"{not json")
+    fs.rm(f"{stage}/000004.tar")
+    calls = []
+    for name in ("cat", "cat_file", "size", "info", "find"):
+        method = getattr(fs, name)
+        setattr(fs, name, lambda *a, _m=method, _n=name, **k: (calls.append(_n), _m(*a, **k))[1])
+    found = read_dones(fs, stage, range(7), "fp")
+    assert calls.count("find") == calls.count("cat") == 1 and "size" not in calls  # not a GET + HEAD per shard
+    assert sorted(found) == [0] and found[0].bytes == fs.size(f"{stage}/000000.tar")
+    assert {i: read_done(fs, stage, i, "fp") for i in range(7)} == {i: found.get(i) for i in range(7)}
+    assert read_dones(fs, f"{stage}-missing", range(3), "fp") == {}
+    if protocol == "memory":
+        fs.rm(stage.rsplit("/", 1)[0], recursive=True)
