@@ -4,7 +4,9 @@ One `ray.cluster_utils.Cluster` for the module: a head with 0 CPUs and three 2-C
 file order and the node-loss tests remove a worker each (not gracefully), so later tests run on fewer nodes:
 an unplaceable pool and trainer fail fast; a trainer worker killed mid-training resumes from its checkpoint to the
 same model; a CPU stage (wordgrid) and a model stage (pseudolabel, concurrent with wordgrid) each lose a worker
-node mid-stage and still finish with bytes equal to a clean sequential run.
+node mid-stage and still finish with bytes equal to a clean sequential run. The model stage loses the node on
+which a pool actor runs a shard at that moment (found by process title under that node's raylet), so the test
+always exercises the re-dispatch of an in-flight shard.
 """
 
 from __future__ import annotations
