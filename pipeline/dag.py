@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import ConfigError
+from pipeline.rounds import expand_rounds
 from pipeline.stage import Stage
 
 # kind -> "module:Class"; imported lazily so a run only imports the stages it uses.
@@ -47,7 +48,9 @@ class Node:
 
 
 def build_nodes(cfg: Mapping[str, Any]) -> dict[str, Node]:
-    """Collect the nodes of a resolved run config and check that every input names a node."""
+    """Collect the nodes of a resolved run config (self-training `rounds` expanded: `pipeline.rounds`) and check
+    that every input names a node."""
+    cfg = expand_rounds(cfg)
     nodes = {
         name: Node(name, value["stage"], dict(value.get("inputs") or {}), dict(value))
         for name, value in cfg.items()

@@ -36,7 +36,14 @@ def test_demo_dag_end_to_end(tmp_path: Path):
     for name in expected:
         assert 0.0 <= methods[name]["pAcc"] <= 100.0 and not math.isnan(methods[name]["pAcc"])
     assert (Path(open_stage(str(tmp_path / "eval")).path) / "report" / "report.md").exists()
-    quality = open_stage(str(tmp_path / "pseudolabel")).manifest
-    assert any("stage11" in json.dumps(v) for v in quality.values() if isinstance(v, dict))
+    quality = open_stage(str(tmp_path / "pseudolabel")).manifest["quality"]
+    assert quality["merge_policy"] == "stage11_first"
+    s11, s12, merged = (quality[name] for name in ("stage11", "stage12", "merged"))
+    valid = merged["num_valid_pixels"]
+    assert s11["num_valid_pixels"] == s12["num_valid_pixels"] == valid == 6 * 64 * 64  # every toy-train GT pixel
+    # stage11_first labels the union of both producers' pixels: at least either, at most both
+    labelled = [m["num_labelled_pixels"] for m in (s11, s12, merged)]
+    assert max(labelled[:2]) <= labelled[2] <= min(labelled[0] + labelled[1], valid)
+    assert merged["coverage"] == pytest.approx(100.0 * labelled[2] / valid)
     again = run(compose("demo", [f"output_root={tmp_path}", "executor=local", *REDUCED]))
     assert {s.status for s in again} == {"up to date"}

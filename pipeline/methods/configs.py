@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.models.configs import ClipConfig, Dinov2Config
-from pipeline.train.configs import Schedule
+from pipeline.train.configs import AugmentConfig, Schedule
 
 MethodName = Literal["ifseg", "align", "zegclip"]  # the keys of `pipeline.methods.registry.METHODS`
 
@@ -22,6 +22,9 @@ class IFSegConfig:
 
     Attributes:
         width, depth, heads, mlp_ratio, dropout, attn_dropout, drop_path, pos_grid, logit_scale: see IFSegDecoder.
+        word_cross_attention: cross-attention of the tokens to the category words after every layer (IFSeg's
+            decoder attends to the prompt words; its ablation: 55.6 -> 22.6 mIoU without). False = the
+            self-attention-only port.
         grid_size: side of the token grid a word grid is upsampled to (IFSeg: 32).
         label_size: side of the label map the logits are bilinearly upsampled to for CE (IFSeg: 512).
         lr: AdamW learning rate (IFSeg: 5e-5, for OFA-Base fine-tuning).
@@ -30,7 +33,8 @@ class IFSegConfig:
         steps: optimiser updates (IFSeg: 2000); warmup_steps: linear warm-up (IFSeg: 0).
         schedule: learning-rate schedule name for the trainer (IFSeg: "cosine").
         batch_size: grids per update, global (IFSeg: 16).
-        grad_clip: gradient-norm clip (IFSeg: 1.0).
+        grad_clip: gradient-norm clip (IFSeg: 1.0); `loop.grad_clip` overrides it.
+        augment: training crops of the image path (self-training on images; `AugmentConfig`).
         knn_k, knn_iterations, knn_temperature: test-time post-processing (IFSeg: 3, 25, 1.0).
     """
 
@@ -43,6 +47,7 @@ class IFSegConfig:
     drop_path: float = 0.1
     pos_grid: int = 32
     logit_scale: float = 100.0
+    word_cross_attention: bool = True
     grid_size: int = 32
     label_size: int = 512
     lr: float = 5e-5
@@ -53,7 +58,8 @@ class IFSegConfig:
     warmup_steps: int = 0
     schedule: Schedule = "cosine"
     batch_size: int = 16
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     knn_k: int = 3
     knn_iterations: int = 25
     knn_temperature: float = 1.0
@@ -66,13 +72,17 @@ class AlignConfig:
 
     Attributes:
         head, heads, mlp_ratio, dropout: see AlignmentModule.
-        temperature, include_self_positive, count_absent_classes: see tsupcon_loss.
+        temperature, include_self_positive: see tsupcon_loss.
+        count_absent_classes: Eq. 1's normaliser K counts every text feature (default, the paper) or, false,
+            only the classes present in the batch (see tsupcon_loss).
         ignore_index: unlabeled patch id in `patch_labels`.
         min_fraction: patch-vote threshold of `patch_labels`.
         lr, momentum, weight_decay: SGD settings.
         schedule: learning-rate schedule name for the trainer ("cosine" annealing).
         epochs: passes over the training images (paper: 10).
         batch_size: images per update, global (paper: 5).
+        grad_clip: gradient-norm clip (null = none; the paper states none); `loop.grad_clip` overrides it.
+        augment: training crops (`AugmentConfig`; the paper gives none, so the common 0.75-1.5 resize + flip).
     """
 
     head: Literal["transformer", "mlp", "linear"] = "transformer"
@@ -81,7 +91,7 @@ class AlignConfig:
     dropout: float = 0.0
     temperature: float = 1.0
     include_self_positive: bool = True
-    count_absent_classes: bool = False
+    count_absent_classes: bool = True
     ignore_index: int = 255
     min_fraction: float = 0.5
     lr: float = 0.01
@@ -90,12 +100,27 @@ class AlignConfig:
     schedule: Schedule = "cosine"
     epochs: int = 10
     batch_size: int = 5
+    grad_clip: float | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 PIXEL_STATS = {  # mean, std in 0..255 units per RGB channel
     "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
     "clip": ((122.7709, 116.7460, 104.0937), (68.5005, 66.6322, 70.3232)),
 }
+
+
+@dataclass
+class ZegCLIPAugmentConfig(AugmentConfig):
+    """The ZegCLIP release's train pipeline (`configs/_base_/datasets/cocostuff_512x512.py`): Resize img_scale
+    (2048, 512) x ratio 0.5-2.0 (long-side factor 4), RandomCrop cat_max_ratio 0.75, flip 0.5,
+    PhotoMetricDistortion. Its own class so that a partial override keeps the other release values."""
+
+    min_scale: float = 0.5
+    max_scale: float = 2.0
+    long_side_factor: float | None = 4.0
+    cat_max_ratio: float = 0.75
+    photometric: bool = True
 
 
 @dataclass
@@ -106,6 +131,12 @@ class ZegCLIPConfig:
     applies only the first matching custom key (longest first) and every trainable parameter also matches
     `backbone` or `head`, so in the release all trainable parameters, norms included, get weight decay 0.01.
     Set 0.0 for the config's apparent intent.
+
+    Release recipe, each a knob: `augment` (see `ZegCLIPAugmentConfig`), `grad_clip` null (the release's
+    `optimizer_config = dict()` clips nothing), `reset_optimizer_at_switch` (the transductive run is a second
+    mmseg run `--load-from` the inductive checkpoint: weights only, so AdamW's moments start from zero and warmup
+    and poly restart), and `double_cls_embedding` (the release's image encoder adds `class_embedding` to the CLS
+    position as well as to the CLS token, so the frozen tower sees CLS = 2·class_embedding + pos[0]).
     """
 
     num_prompts: int = 10  # 10 VOC, 100 COCO, 35 Context
@@ -137,6 +168,10 @@ class ZegCLIPConfig:
     crop_size: int = 512
     slide_stride: int = 426
     pixel_norm: Literal["imagenet", "clip"] = "imagenet"  # "imagenet" (release) | "clip"
+    grad_clip: float | None = None  # release: no clipping; `loop.grad_clip` overrides it
+    augment: ZegCLIPAugmentConfig = field(default_factory=ZegCLIPAugmentConfig)
+    reset_optimizer_at_switch: bool = True  # transductive: fresh AdamW state where self-training starts (release)
+    double_cls_embedding: bool = True  # release: class_embedding added to the CLS token and to its position
 
     def __post_init__(self) -> None:
         if self.mode not in ("inductive", "transductive"):

@@ -7,7 +7,8 @@ for any vocabulary (open vocabulary: the text classifier is recomputed for the v
     predictor = METHODS[cfg.method].predictor(built, knn)      # after loading the trained weights into built.model
 
 A predictor maps un-normalised pixels to logits, `logits(pixels float [1, 3, h, w] in [0, 1]) -> float [1, C, h',
-w']` (`pipeline.predict.predictors.Predictor`); it owns its pixel normalisation and any post-processing.
+w']` (`pipeline.predict.predictors.Predictor`); it owns its pixel normalisation and any post-processing. Its
+`knn` attribute says whether it applies IFSeg's K-NN, in which case it returns probabilities instead of logits.
 """
 
 from __future__ import annotations
@@ -92,7 +93,14 @@ def dinov2_features(dinov2: Any, pixels: torch.Tensor) -> torch.Tensor:
 
 
 class IFSegPredictor:
-    """CLIP dense (MaskCLIP) features -> IFSeg decoder -> logits; optional K-NN post-processing (§1.5)."""
+    """CLIP dense (MaskCLIP) features -> IFSeg decoder -> logits; optional K-NN post-processing (§1.5).
+
+    With `knn` the output is **probabilities**, not logits (the eval stage sets the protocol's `knn_postprocess`
+    from `knn`, which tells the engine to resize them and apply no score transform):
+    softmax of the decoder's patch-grid logits, propagated over the K nearest neighbours of the *backbone*
+    features (the CLIP dense features the decoder reads, not its outputs), then bilinearly upsampled as
+    probabilities (IFSeg: propagation on the token grid, then upsampling).
+    """
 
     def __init__(self, built: BuiltMethod, knn: bool) -> None:
         self.clip, self.method, self.model, self.knn = built.backbone, built.method, built.model.eval(), knn
@@ -100,14 +108,13 @@ class IFSegPredictor:
 
     @torch.no_grad()
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[1, 3, h, w] in [0, 1] -> [1, C, h, w] logits, or propagated probabilities with `knn`."""
         return on_patch_grid(normalize(pixels, self.clip.mean, self.clip.std), self.clip.patch_size, self._grid)
 
     def _grid(self, normalised: torch.Tensor) -> torch.Tensor:
         features, _ = self.clip.dense_features(normalised)
         logits = self.method.predict_logits(self.model, features)
-        if self.knn:  # propagation acts on probabilities; log keeps softmax(logits) == propagated probs
-            return torch.log(self.method.postprocess(logits, features).clamp_min(1e-8))
-        return logits
+        return self.method.postprocess(logits, features) if self.knn else logits
 
 
 class AlignPredictor:
@@ -115,6 +122,7 @@ class AlignPredictor:
 
     def __init__(self, built: BuiltMethod, knn: bool = False) -> None:
         self.dinov2, self.method, self.model = built.backbone, built.method, built.model.eval()
+        self.knn = False  # K-NN is IFSeg's (image-free models): a request is ignored, and `knn` says so
         self.name, self.num_classes = "align", int(self.method.text_embeddings.shape[0])
 
     @torch.no_grad()
@@ -125,11 +133,17 @@ class AlignPredictor:
 
 
 class ZegCLIPPredictor:
-    """ZegCLIP mask logits for all classes of the vocabulary (the protocol applies sigmoid and seen penalty)."""
+    """ZegCLIP mask logits for all classes of the vocabulary (the protocol applies sigmoid and seen penalty).
+
+    `seen_penalty` is the model's own test-time penalty (`ZegCLIPMethod.eval_seen_penalty`: 0.1 after inductive,
+    0.0 after transductive training); the eval stage scores with it instead of the protocol preset's.
+    """
 
     def __init__(self, built: BuiltMethod, knn: bool = False) -> None:
         self.method, self.model = built.method, built.model.eval()
+        self.knn = False  # K-NN is IFSeg's (image-free models): a request is ignored, and `knn` says so
         self.name, self.num_classes = "zegclip", int(self.method.text_embeddings.shape[0])
+        self.seen_penalty = float(self.method.eval_seen_penalty)
 
     @torch.no_grad()
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ def tsupcon_loss(
     t: Tensor,
     temperature: float = 1.0,
     include_self_positive: bool = True,
-    count_absent_classes: bool = False,
+    count_absent_classes: bool = True,
 ) -> Tensor:
     """ℓ_TSupCon = 1 / (B·N + K) · (Σ_k ℓ_t(t_k) + Σ_i ℓ_im(z_i)), Eq. 1-4 of Seifi et al., vectorised.
 
@@ -23,9 +23,10 @@ def tsupcon_loss(
     Choices where the paper is silent or ambiguous (documented, methods-spec §3.2 flags):
       * B·N is the number of *labelled* patches in the batch (ignored patches are dropped before the call; the
         paper assumes every patch is labelled). The K text prototypes in the ℓ_t denominator are all K rows of `t`.
-      * Classes with N_k = 0 have no ℓ_t term (1/N_k · empty sum is undefined); the normaliser's K counts the
-        classes present in the batch (default, so the loss is the mean over the terms actually summed), or all K
-        rows of `t` with `count_absent_classes=True` (the literal reading of "K is the number of text features").
+      * Classes with N_k = 0 have no ℓ_t term (1/N_k · empty sum is undefined). The normaliser's K counts all K
+        rows of `t` (default, `count_absent_classes=True`: the paper's "K is the number of text features"), or
+        only the classes present in the batch with `count_absent_classes=False` (the loss is then the mean over
+        the terms actually summed; a variant, not the paper).
       * P(i) = {l : y_l = y_i}, which includes l = i exactly as Eq. 4 is written (N_{y_i} counts i); with
         `include_self_positive=False` it is {l ≠ i : y_l = y_i} (standard SupCon) and the factor is 1/(N_{y_i} − 1).
         A patch with an empty P(i), or with no other patch in the batch (N = 1), contributes 0 to Σ ℓ_im but still
@@ -38,7 +39,8 @@ def tsupcon_loss(
         t: float [K, D] L2-normalised text prototypes (frozen; gradients flow only if `t` requires them).
         temperature: divides every similarity.
         include_self_positive: keep l = i in the ℓ_im positive set (Eq. 4 as written).
-        count_absent_classes: normalise by N + K (all prototypes) instead of N + (classes present).
+        count_absent_classes: normalise by N + K, all K prototypes (default, Eq. 1), else by N + (classes
+            present in `y`).
 
     Returns:
         Scalar float32 loss (0 with a graph to `z` when N = 0).

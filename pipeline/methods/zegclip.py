@@ -98,7 +98,7 @@ class ZegCLIPMethod:
     def build_model(self) -> ZegCLIPNet:
         """A fresh trainable model around a private frozen copy of the CLIP image tower."""
         backbone = DeepPromptViT(copy.deepcopy(self.visual), self.cfg.num_prompts, self.cfg.prompt_layers,
-                                 self.cfg.prompt_dropout)
+                                 self.cfg.prompt_dropout, self.cfg.double_cls_embedding)
         return ZegCLIPNet(backbone, self.text_embeddings, self.cfg)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
@@ -122,8 +122,8 @@ class ZegCLIPMethod:
     def self_training_start_step(self, total_steps: int) -> int | None:
         """First step with pseudo-labels (transductive), or None (inductive).
 
-        The release restarts from a checkpoint here with a fresh optimiser; a trainer that wants the same should
-        reset the optimiser state at this step.
+        The release restarts from a checkpoint here with a fresh optimiser; the recipe clears the optimiser state
+        at this step when `reset_optimizer_at_switch` (default).
         """
         if self.cfg.mode != "transductive":
             return None

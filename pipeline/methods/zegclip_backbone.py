@@ -40,6 +40,8 @@ class DeepPromptViT(nn.Module):
         num_prompts: prompt tokens per layer (10 VOC, 100 COCO, 35 Context in the paper).
         prompt_layers: 0-based indices of the layers that receive prompts; None = every layer (paper default).
         prompt_dropout: dropout probability applied to projected prompts.
+        double_cls_embedding: add `class_embedding` to the CLS position too, as the release's encoder does
+            (CLS input = 2·class_embedding + pos[0]); False = open_clip's CLS = class_embedding + pos[0].
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class DeepPromptViT(nn.Module):
         num_prompts: int = 10,
         prompt_layers: Sequence[int] | None = None,
         prompt_dropout: float = 0.1,
+        double_cls_embedding: bool = False,
     ) -> None:
         super().__init__()
         _check_visual(visual)
@@ -71,6 +74,7 @@ class DeepPromptViT(nn.Module):
         nn.init.zeros_(self.prompt_proj.bias)
         self.prompt_dropout = nn.Dropout(prompt_dropout)
         self.prompt_norm = nn.LayerNorm(width, eps=1e-6)
+        self.double_cls_embedding = bool(double_cls_embedding)
 
     @property
     def output_dim(self) -> int:
@@ -120,6 +124,8 @@ class DeepPromptViT(nn.Module):
         cls_token = visual.class_embedding.to(patches.dtype).reshape(1, 1, width).expand(batch_size, -1, -1)
         tokens = torch.cat([cls_token, patches], dim=1)
         position = resize_position_embedding(visual.positional_embedding, visual.grid_size, (grid_h, grid_w))
+        if self.double_cls_embedding:  # the release's `cls_pos = pos[0] + class_embedding`
+            position = torch.cat([position[:1] + visual.class_embedding.to(position.dtype), position[1:]], dim=0)
         tokens = tokens + position.to(tokens.dtype)
         return visual.ln_pre(tokens).to(tokens.dtype), grid_h, grid_w
 

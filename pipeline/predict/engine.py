@@ -18,6 +18,9 @@ Where the score transform sits: "sigmoid" is applied to each forward's output ri
 to that forward's input size, before windows are averaged, as ZegCLIP's head does (`semantic_inference`);
 "softmax" is applied once to the averaged, original-size logits, as mmseg does. The seen penalty is a
 constant per class, so applying it per window (ZegCLIP) or once at the end (here) gives the same scores.
+With `knn_postprocess` the model already returns class probabilities (IFSeg's K-NN propagates softmax
+probabilities on the token grid); they are resized (bilinear, as probabilities) and averaged, and no score
+transform is applied.
 
 Choices where the sources are silent or differ: a window larger than the image is zero-padded (black,
 bottom/right) to the full crop size, so fixed-input-size ViTs work; mmseg instead feeds the smaller crop
@@ -80,13 +83,18 @@ def _resize(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
 
 
+def score_kind(protocol: Protocol) -> str:
+    """What the engine does with a model's outputs: "sigmoid", "softmax", or "probabilities" (K-NN: none)."""
+    return "probabilities" if protocol.knn_postprocess else protocol.score
+
+
 def _forward(pixels: torch.Tensor, logits_fn: LogitsFn, num_classes: int, score: str) -> torch.Tensor:
-    """Logits of one forward resized to the input's size: [1, C, h, w] float32 (sigmoid applied if asked)."""
+    """Outputs of one forward resized to the input's size: [1, C, h, w] float32 (sigmoid applied if asked)."""
     logits = logits_fn(pixels)
     if logits.ndim != 4 or logits.shape[:2] != (1, num_classes):
         raise ValueError(f"logits_fn must return [1, {num_classes}, h, w], got {tuple(logits.shape)}")
     logits = _resize(logits.float().to(pixels.device), tuple(pixels.shape[-2:]))
-    return logits.sigmoid() if score == "sigmoid" else logits
+    return logits.sigmoid() if score == "sigmoid" else logits  # "probabilities": as they are
 
 
 def slide_logits(
@@ -102,7 +110,7 @@ def slide_logits(
         pad_h, pad_w = crop - (y2 - y1), crop - (x2 - x1)
         if pad_h or pad_w:
             window = F.pad(window, (0, pad_w, 0, pad_h))
-        logits = _forward(window, logits_fn, num_classes, protocol.score)
+        logits = _forward(window, logits_fn, num_classes, score_kind(protocol))
         canvas[:, :, y1:y2, x1:x2] += logits[:, :, : y2 - y1, : x2 - x1]
         count[:, :, y1:y2, x1:x2] += 1
     if bool((count == 0).any()):
@@ -122,7 +130,8 @@ def predict_scores(
 
     Args:
         image: [H, W, 3] uint8 RGB.
-        logits_fn: maps [1, 3, h, w] float32 pixels in [0, 1] (un-normalised) to [1, C, h', w'] logits.
+        logits_fn: maps [1, 3, h, w] float32 pixels in [0, 1] (un-normalised) to [1, C, h', w'] logits
+            (class probabilities when `protocol.knn_postprocess`).
         protocol: the test-time protocol.
         num_classes: C.
         seen_ids: class ids that receive `protocol.seen_penalty`.
@@ -138,9 +147,9 @@ def predict_scores(
         if protocol.mode == "slide":
             logits, _ = slide_logits(pixels, logits_fn, num_classes, protocol)
         else:
-            logits = _forward(pixels, logits_fn, num_classes, protocol.score)
+            logits = _forward(pixels, logits_fn, num_classes, score_kind(protocol))
         scores = _resize(logits, (height, width))[0]
-        if protocol.score == "softmax":
+        if score_kind(protocol) == "softmax":
             scores = scores.softmax(dim=0)
         if protocol.seen_penalty and len(seen_ids):
             scores[torch.as_tensor(list(seen_ids), dtype=torch.long, device=scores.device)] -= protocol.seen_penalty

@@ -33,6 +33,13 @@ class Predictor(Protocol):
     Attributes:
         name: method name (report column, prediction file stem).
         num_classes: C, the number of classes of the eval vocabulary; logits are in its train-id order.
+
+    Optional attributes (read with getattr; `stages.evaluate.methods.effective_protocol`):
+        seen_penalty: a float the trained model prescribes for its seen classes at test time (ZegCLIP: 0.1
+            inductive, 0.0 transductive); the eval stage uses it instead of the protocol preset's unless
+            `protocol_overrides` set one.
+        knn: True when `logits` returns IFSeg-K-NN-propagated probabilities instead of logits; the engine then
+            applies no score transform (absent: the protocol's `knn_postprocess` says).
     """
 
     name: str
@@ -50,7 +57,7 @@ class PredictorOptions(Protocol):
         name: method name.
         kind: the key of its builder in `PREDICTOR_BUILDERS`.
         input: upstream port (trained).
-        knn: effective K-NN post-processing (trained).
+        knn: effective K-NN post-processing (trained, maskclip).
         clip, templates, name_variant, logit_scale: the MaskCLIP baseline's CLIP, prompt templates,
             vocabulary name variant and logit scale (maskclip).
     """
@@ -79,14 +86,21 @@ class MaskClipPredictor:
     logit scale, so that softmax/sigmoid scores are CLIP's zero-shot probabilities. The argmax, and every
     softmax-protocol prediction, is independent of the scale; only sigmoid-protocol scores depend on it.
 
+    With `knn` (IFSeg's MaskCLIP† baselines) the patch-grid logits go through IFSeg's K-NN propagation
+    (`pipeline.methods.ifseg.knn_postprocess`, neighbours from the same dense features, K = 3, 25 iterations,
+    temperature 1 by default) and the output is the propagated **probabilities**, upsampled bilinearly.
+
     Args:
         clip: a built `Clip` (frozen).
         text: [C, D] class embeddings (e.g. `clip.encode_text(names, templates)`); renormalised here.
         name: method name.
         logit_scale: multiplier of the cosine similarities.
+        knn: apply K-NN post-processing (returns probabilities instead of logits).
+        knn_k, knn_iterations, knn_temperature: its knobs (IFSeg's 3, 25, 1.0).
     """
 
-    def __init__(self, clip: Clip, text: torch.Tensor, name: str = "maskclip", logit_scale: float = 100.0) -> None:
+    def __init__(self, clip: Clip, text: torch.Tensor, name: str = "maskclip", logit_scale: float = 100.0,
+                 knn: bool = False, knn_k: int = 3, knn_iterations: int = 25, knn_temperature: float = 1.0) -> None:
         import torch.nn.functional as F
 
         self.clip = clip
@@ -94,17 +108,20 @@ class MaskClipPredictor:
         self.name = name
         self.num_classes = int(text.shape[0])
         self.logit_scale = float(logit_scale)
+        self.knn, self.knn_knobs = bool(knn), (int(knn_k), int(knn_iterations), float(knn_temperature))
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[1, 3, h, w] in [0, 1] -> [1, C, h, w] float32 logits (see the class docstring)."""
+        """[1, 3, h, w] in [0, 1] -> [1, C, h, w] float32 logits, or probabilities with `knn`."""
         import torch
 
+        from pipeline.methods.ifseg import knn_postprocess
         from pipeline.models.preprocess import normalize
         from pipeline.predict.engine import on_patch_grid
 
         def grid_scores(normalised: torch.Tensor) -> torch.Tensor:
             features, _ = self.clip.dense_features(normalised)
-            return self.logit_scale * torch.einsum("bdhw,cd->bchw", features, self.text)
+            logits = self.logit_scale * torch.einsum("bdhw,cd->bchw", features, self.text)
+            return knn_postprocess(logits, features, *self.knn_knobs) if self.knn else logits
 
         normalised = normalize(pixels, self.clip.mean, self.clip.std)
         return on_patch_grid(normalised, self.clip.patch_size, grid_scores).to(pixels.device)
@@ -115,7 +132,7 @@ def build_maskclip(method: PredictorOptions, vocab: Vocabulary, upstream: Mappin
     """`MaskClipPredictor` of `method.clip` (device set to the stage's), scoring `vocab`'s prompts.
 
     The prompts are `vocab.prompt_names(method.name_variant)` (classes without that variant use their official
-    name) in the `method.templates` set (MaskCLIP's 85 by default).
+    name) in the `method.templates` set (MaskCLIP's 85 by default); `method.knn` turns K-NN post-processing on.
     """
     import dataclasses
 
@@ -124,7 +141,7 @@ def build_maskclip(method: PredictorOptions, vocab: Vocabulary, upstream: Mappin
 
     clip = Clip.build(dataclasses.replace(method.clip, device=device))
     text = clip.encode_text(vocab.prompt_names(method.name_variant), get_templates(method.templates))
-    return MaskClipPredictor(clip, text, name=method.name, logit_scale=method.logit_scale)
+    return MaskClipPredictor(clip, text, name=method.name, logit_scale=method.logit_scale, knn=bool(method.knn))
 
 
 def build_trained(method: PredictorOptions, vocab: Vocabulary, upstream: Mapping[str, StageOutput],

@@ -33,7 +33,8 @@ class Protocol:
         score: "softmax" | "sigmoid" | "raw": what the penalty and argmax act on.
         background: dataset background policy recorded with the metrics: "ignore" (bg GT -> 255),
             "class" (bg is a class), "stuff_names" (stuff words in the vocabulary map to bg).
-        knn_postprocess: whether IFSeg's K-NN post-processing is on (the predictor does it).
+        knn_postprocess: whether IFSeg's K-NN post-processing is on (the predictor does it and returns
+            propagated probabilities, which the engine resizes without a score transform).
     """
 
     name: str = "ifseg"

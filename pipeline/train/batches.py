@@ -4,6 +4,9 @@ Each rank reads a disjoint part of the samples (whole shards when there are enou
 otherwise), shuffles with a buffer seeded by (seed, rank, epoch), and resumes at any step exactly where the
 uninterrupted stream was (the image decoder's augmentation draws are not checkpointed, so image recipes resume
 on the same samples but with other crops and flips).
+
+Image samples become training crops through `ImageLabelDecoder` (mmseg's resize / crop / flip / photometric,
+`pipeline.train.augment`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from PIL import Image
 from pipeline.sample_files import decode_label_png
 from pipeline.shards import StageOutput
 from pipeline.tar_samples import iter_tar_samples, split_for_rank
+from pipeline.train.augment import PhotoMetricDistortion, cat_max_ratio_crop, rescale_size
+from pipeline.train.configs import AugmentConfig
 from pipeline.train.fit import rank_and_world
 
 
@@ -80,19 +85,31 @@ def decode_rgb(data: bytes) -> np.ndarray:
 
 
 class ImageLabelDecoder:
-    """Decode an image + label map sample and make a square training crop.
+    """Decode an image + label map sample and make a square training crop (`augment`, mmseg's recipe).
 
-    Augmentation (the usual segmentation recipe; knobs in the train config): resize the short side to
-    `image_size · scale` with scale ~ U[min_scale, max_scale], random crop `image_size` (pad with 0 / ignore),
-    horizontal flip with p = 0.5.
+    Resize (keep ratio; bilinear image rounded to uint8, nearest labels), random crop `image_size` (with the
+    `cat_max_ratio` retries), horizontal flip, optional PhotoMetricDistortion on the uint8 crop, then padding to
+    `image_size` at the bottom/right with `pad_rgb` (in [0, 1]) and ignore. Draw order is mmseg's; all draws come
+    from one generator seeded by (seed, rank).
+
+    Args:
+        image_size: crop side S.
+        label_file: the label member of the samples.
+        ignore_index: label of padding and unlabelled pixels (excluded from the cat_max_ratio counts).
+        seed: run seed.
+        augment: the knobs (`pipeline.train.configs.AugmentConfig`).
+        pad_rgb: pixel value of padding per RGB channel in [0, 1] (ZegCLIP: its normalisation mean, so padding
+            is 0 after normalisation as in mmseg, which pads after `Normalize`).
 
     Returns (pixels float [3, S, S] in [0, 1], labels int64 [S, S]).
     """
 
     def __init__(self, image_size: int, label_file: str, ignore_index: int, seed: int,
-                 min_scale: float = 0.75, max_scale: float = 1.5) -> None:
+                 augment: AugmentConfig | None = None, pad_rgb: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
         self.image_size, self.label_file, self.ignore = image_size, label_file, ignore_index
-        self.scales = (min_scale, max_scale)
+        self.cfg = augment or AugmentConfig()
+        self.pad_rgb = torch.tensor(pad_rgb, dtype=torch.float32).view(3, 1, 1)
+        self.photometric = PhotoMetricDistortion()
         self.rng = np.random.default_rng(seed + 7919 * rank_and_world()[0])
 
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,25 +117,38 @@ class ImageLabelDecoder:
         if ext not in sample or self.label_file not in sample:
             raise KeyError(f"sample {sample['__key__']} lacks '{ext}' or '{self.label_file}' (image_format: none "
                            "shards cannot be trained on; re-run the producing stage with images stored)")
-        image = torch.from_numpy(decode_rgb(sample[ext]).copy()).permute(2, 0, 1).float() / 255.0
-        label = torch.from_numpy(decode_label_png(sample[self.label_file]).astype(np.int64))
-        return self.augment(image, label)
+        label = decode_label_png(sample[self.label_file]).astype(np.int64)
+        return self.augment(decode_rgb(sample[ext]), label)
 
-    def augment(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.image_size
-        scale = self.rng.uniform(*self.scales) * size / min(image.shape[1:])
-        hw = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale)))
-        image = F.interpolate(image[None], size=hw, mode="bilinear", align_corners=False)[0]
-        label = F.interpolate(label[None, None].float(), size=hw, mode="nearest")[0, 0].long()
-        pad_h, pad_w = max(0, size - hw[0]), max(0, size - hw[1])
-        image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
-        label = F.pad(label, (0, pad_w, 0, pad_h), value=self.ignore)
-        top = int(self.rng.integers(0, image.shape[1] - size + 1))
-        left = int(self.rng.integers(0, image.shape[2] - size + 1))
-        image, label = image[:, top:top + size, left:left + size], label[top:top + size, left:left + size]
-        if self.rng.random() < 0.5:
-            image, label = image.flip(-1), label.flip(-1)
-        return image.contiguous(), label.contiguous()
+    def augment(self, image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [H, W, 3] image and int [H, W] labels -> (float [3, S, S] in [0, 1], int64 [S, S])."""
+        cfg, size = self.cfg, self.image_size
+        image, label = self.resize(image, label)
+        y1, y2, x1, x2 = cat_max_ratio_crop(self.rng, label, size, cfg.cat_max_ratio, self.ignore)
+        image, label = image[y1:y2, x1:x2], label[y1:y2, x1:x2]
+        if self.rng.random() < cfg.flip_prob:
+            image, label = image[:, ::-1], label[:, ::-1]
+        if cfg.photometric:
+            image = self.photometric(np.ascontiguousarray(image), self.rng)
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+        labels = torch.from_numpy(np.ascontiguousarray(label))
+        padded = self.pad_rgb.expand(3, size, size).clone()
+        padded[:, :pixels.shape[1], :pixels.shape[2]] = pixels
+        padded_labels = torch.full((size, size), self.ignore, dtype=torch.int64)
+        padded_labels[:labels.shape[0], :labels.shape[1]] = labels
+        return padded, padded_labels
+
+    def resize(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """mmseg `Resize` with ratio_range: r = random() · (max − min) + min, bounds int(S · r), int(factor · S · r)."""
+        cfg = self.cfg
+        ratio = self.rng.random() * (cfg.max_scale - cfg.min_scale) + cfg.min_scale
+        long_bound = None if cfg.long_side_factor is None else int(cfg.long_side_factor * self.image_size * ratio)
+        hw = rescale_size(*label.shape, int(self.image_size * ratio), long_bound)
+        tensor = torch.from_numpy(image.copy()).permute(2, 0, 1).float()[None]
+        resized = F.interpolate(tensor, size=hw, mode="bilinear", align_corners=False)[0]
+        resized = resized.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        labels = F.interpolate(torch.from_numpy(label)[None, None].float(), size=hw, mode="nearest")[0, 0]
+        return resized, labels.long().numpy()
 
 
 def stack_images(batch: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:

@@ -17,7 +17,8 @@ class LoopConfig:
         checkpoint_every: steps between checkpoints (the last step is always checkpointed).
         keep_checkpoints: how many recent checkpoints to keep (older ones are deleted).
         log_every: steps between log lines (loss, lr, samples/s).
-        grad_clip: max gradient norm (0 = off).
+        grad_clip: max gradient norm; null = the method's own (`ifseg.grad_clip` 1.0, IFSeg's fairseq clip-norm;
+            ZegCLIP and align clip nothing, as the ZegCLIP release's empty `optimizer_config`); 0 = off.
         precision: "fp32" | "bf16" (autocast; CPU and CUDA) | "fp16" (CUDA autocast + GradScaler).
     """
 
@@ -25,8 +26,34 @@ class LoopConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 20
-    grad_clip: float = 1.0
+    grad_clip: float | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+@dataclass
+class AugmentConfig:
+    """Training-crop augmentation of the image methods (`pipeline.train.augment`, mmseg's transforms).
+
+    Resize keeps the aspect ratio: ratio r ~ U[min_scale, max_scale], short side bound `image_size · r`, long side
+    bound `long_side_factor · image_size · r` (mmseg img_scale (2048, 512) = factor 4; null = no bound); then a
+    random `image_size` crop (redrawn up to 10 times while one class covers >= `cat_max_ratio` of its labelled
+    pixels; 1.0 = off), horizontal flip with `flip_prob`, mmseg PhotoMetricDistortion when `photometric`, and
+    padding to `image_size` (labels: ignore).
+
+    Attributes:
+        min_scale, max_scale: the resize ratio range.
+        long_side_factor: long-side bound as a multiple of image_size (null = none).
+        cat_max_ratio: largest share of one class in a crop (ignore excluded); 1.0 = plain random crop.
+        flip_prob: probability of a horizontal flip.
+        photometric: brightness/contrast/saturation/hue distortion (mmseg defaults: 32, 0.5-1.5, 0.5-1.5, 18).
+    """
+
+    min_scale: float = 0.75
+    max_scale: float = 1.5
+    long_side_factor: float | None = None
+    cat_max_ratio: float = 1.0
+    flip_prob: float = 0.5
+    photometric: bool = False
 
 
 @dataclass

@@ -36,6 +36,9 @@ class Recipe:
         loss: (model, batch, step) -> (scalar loss, log values); `model` may be the DDP-wrapped one.
         batches: start step -> endless batch stream beginning at that step's epoch.
         lr_factor: step -> multiplier of each param group's initial lr.
+        grad_clip: the method's gradient-norm clip (None or 0 = none); `LoopConfig.grad_clip` overrides it.
+        reset_optimizer_at: a step at whose start the optimiser state (moments, step counts) is cleared, as a
+            fresh optimiser would start there (ZegCLIP's transductive switch); None = never.
     """
 
     model: torch.nn.Module
@@ -43,6 +46,8 @@ class Recipe:
     loss: LossFn
     batches: Callable[[int], Iterator[Any]]
     lr_factor: Callable[[int], float]
+    grad_clip: float | None = None
+    reset_optimizer_at: int | None = None
 
 
 def training_loop(model: torch.nn.Module, recipe: Recipe, cfg: LoopConfig, store: CheckpointStore,
@@ -73,12 +78,15 @@ def training_loop(model: torch.nn.Module, recipe: Recipe, cfg: LoopConfig, store
     bar = StepProgress(name, cfg.steps, start, samples_per_step, enabled=rank == 0)
     window_start, window_steps = time.perf_counter(), 0
     model.train()
+    grad_clip = recipe.grad_clip if cfg.grad_clip is None else cfg.grad_clip
     for step in range(start, cfg.steps):
+        if step == recipe.reset_optimizer_at:
+            optimizer.state.clear()
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * recipe.lr_factor(step)
         with autocast(device, cfg.precision):
             loss, logs = recipe.loss(model, next(stream), step)
-        _update(loss, optimizer, scaler, cfg.grad_clip)
+        _update(loss, optimizer, scaler, grad_clip)
         window_steps += 1
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             rate = window_steps * samples_per_step / (time.perf_counter() - window_start)
@@ -97,11 +105,11 @@ def training_loop(model: torch.nn.Module, recipe: Recipe, cfg: LoopConfig, store
 
 
 def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            grad_clip: float) -> None:
+            grad_clip: float | None) -> None:
     """One optimiser step on `loss`: backward (scaled for fp16), optional gradient-norm clip, step."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    if grad_clip > 0:
+    if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
     scaler.step(optimizer)

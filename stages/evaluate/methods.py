@@ -3,10 +3,17 @@ protocol it is scored under.
 
 A method's protocol is the preset `protocol` (the method's own, else the stage's) updated first by the stage's
 `protocol_overrides` (dataset facts such as ZSSeg's 512 short side on VOC) and then by the method's own
-`protocol_overrides`. IFSeg's K-NN post-processing (`knn`) is a property of trained image-free models: a
-`trained` method takes the method's `knn` when set, else the protocol's `knn_postprocess`; other kinds never
-post-process, and asking them to is a configuration error. The resolved protocol, with the effective
-`knn_postprocess`, is recorded next to the method's metrics.
+`protocol_overrides`. IFSeg's K-NN post-processing (`knn`) is a property of image-free models: a `trained`
+method takes the method's `knn` when set, else the protocol's `knn_postprocess` (a trained model that is not
+IFSeg's ignores it: its predictor reports `knn` false); the `maskclip` baseline post-processes only when its
+`knn` is true (IFSeg's MaskCLIP† rows); `labels` never do, and asking them to is a configuration error. The
+resolved protocol, with the `knn_postprocess` the predictor applied, is recorded next to the method's metrics.
+
+The seen-class penalty is the trained model's own: a predictor that prescribes one (`seen_penalty`, e.g.
+ZegCLIP's `eval_seen_penalty`, 0.1 after inductive and 0.0 after transductive training, as the release) replaces
+the preset's value on the worker (`effective_protocol`), so a preset cannot score a transductive model with the
+inductive penalty. A `seen_penalty` written in the stage's or the method's `protocol_overrides` is an explicit
+choice (an ablation) and wins; the metrics record the value used and where it came from.
 
 Everything is checked on the driver, torch-free, before any work: a typo in an entry (`eval.methods[0].knnn`,
 `eval.methods[0].clip.pretraind`), a protocol key or value, a kind or a port is a ConfigError naming the key.
@@ -28,7 +35,7 @@ from pipeline.predict.protocol import Protocol, build_protocol, protocol_fields
 
 METHOD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,50}$")
 KINDS_WITH_INPUT = ("trained", *LABEL_KINDS)
-KNN_KINDS = ("trained",)
+KNN_KINDS = ("trained", "maskclip")
 RESERVED_NAMES = frozenset({"json", "gt", "image"})
 
 
@@ -40,7 +47,8 @@ class MethodEntry:
         name: method name; also the prediction file `<name>.png` of each sample.
         kind: "maskclip", "trained", "labels" or a kind registered in `PREDICTOR_BUILDERS`.
         input: upstream port the method reads (trained, labels).
-        knn: IFSeg's K-NN post-processing (trained only); None = the protocol's `knn_postprocess`.
+        knn: IFSeg's K-NN post-processing (trained, maskclip); None = the protocol's `knn_postprocess` for
+            trained methods, off for maskclip.
         clip: the MaskCLIP baseline's CLIP (`ClipConfig`; the stage sets its device).
         templates: the MaskCLIP baseline's prompt-template set (`pipeline.models.prompts`; MaskCLIP's 85).
         name_variant: the MaskCLIP baseline's vocabulary name variant (classes without one use their official name).
@@ -71,11 +79,14 @@ class MethodSpec:
         entry: the method's entry, with the effective `knn` (what the predictor builder receives).
         protocol: the resolved test-time protocol (with the effective `knn_postprocess`).
         miou_denominator: "mmseg" (nanmean over classes with GT) or "zsseg" (detectron2's denominator).
+        penalty_from_model: False when `protocol_overrides` set `seen_penalty` explicitly; else a predictor's
+            own `seen_penalty` replaces the preset's (`effective_protocol`).
     """
 
     entry: MethodEntry
     protocol: Protocol
     miou_denominator: str
+    penalty_from_model: bool = True
 
     @property
     def name(self) -> str:
@@ -97,7 +108,33 @@ class MethodSpec:
     def record(self) -> dict[str, Any]:
         """JSON-safe description stored with the metrics."""
         return {"kind": self.kind, "input": self.input, "protocol": dataclasses.asdict(self.protocol),
-                "miou_denominator": self.miou_denominator}
+                "miou_denominator": self.miou_denominator, "penalty_from_model": self.penalty_from_model}
+
+
+def effective_protocol(spec: MethodSpec, predictor: Any) -> Protocol:
+    """The protocol `spec` is scored under, with the seen penalty its model prescribes and the K-NN it applies.
+
+    Args:
+        spec: the validated method.
+        predictor: its built predictor; an optional attribute `seen_penalty` (float, or None for none) is the
+            trained model's own test-time penalty (ZegCLIP: 0.1 inductive, 0.0 transductive).
+
+    Returns:
+        `spec.protocol`, with `seen_penalty` replaced by the predictor's unless the method overrode it explicitly,
+        and `knn_postprocess` = the predictor's `knn` (whether it returns K-NN-propagated probabilities).
+    """
+    protocol = dataclasses.replace(spec.protocol, knn_postprocess=bool(getattr(predictor, "knn",
+                                                                               spec.protocol.knn_postprocess)))
+    if penalty_source(spec, predictor) != "model":
+        return protocol
+    return dataclasses.replace(protocol, seen_penalty=float(predictor.seen_penalty))
+
+
+def penalty_source(spec: MethodSpec, predictor: Any) -> str:
+    """Where `effective_protocol`'s seen penalty comes from: "override", "model" or "protocol" (the preset)."""
+    if not spec.penalty_from_model:
+        return "override"
+    return "protocol" if getattr(predictor, "seen_penalty", None) is None else "model"
 
 
 def parse_entry(method: Any, key: str, ports: Set[str]) -> MethodEntry:
@@ -129,9 +166,11 @@ def parse_method(method: Any, key: str, ports: Set[str], default_protocol: str,
         raise ConfigError(f"{key}.miou_denominator={denominator!r}: choose one of {MIOU_DENOMINATORS}")
     fields = protocol_fields(entry.protocol or default_protocol, [stage_overrides, entry.protocol_overrides],
                              f"{key}.protocol")
-    knn = bool(fields.get("knn_postprocess", False) if entry.knn is None else entry.knn) and entry.kind in KNN_KINDS
+    default = bool(fields.get("knn_postprocess", False)) and entry.kind == "trained"
+    knn = bool(default if entry.knn is None else entry.knn) and entry.kind in KNN_KINDS
     protocol = build_protocol({**fields, "knn_postprocess": knn}, f"{key}.protocol")
-    return MethodSpec(dataclasses.replace(entry, knn=knn), protocol, denominator)
+    explicit = "seen_penalty" in stage_overrides or "seen_penalty" in entry.protocol_overrides
+    return MethodSpec(dataclasses.replace(entry, knn=knn), protocol, denominator, penalty_from_model=not explicit)
 
 
 def parse_methods(methods: Sequence[Any], node: str, ports: Set[str], default_protocol: str,

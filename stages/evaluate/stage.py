@@ -44,7 +44,7 @@ from pipeline.metrics import ConfusionMatrix, compute_metrics, sum_matrices, to_
 from pipeline.sample_files import decode_label_png, encode_label_png
 from pipeline.shards import SampleOutput, join, write_atomic
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext, shard_plans
-from stages.evaluate.methods import MethodSpec, parse_methods
+from stages.evaluate.methods import MethodSpec, effective_protocol, parse_methods, penalty_source
 from stages.evaluate.upstream_labels import index_keys, read_label_pngs
 from stages.evaluate.vocab import fold_background_words, unseen_only_lut, unseen_only_vocab, with_background_words
 
@@ -129,6 +129,8 @@ class EvalStage(Stage):
         split = cfg.seen_ids_from_vocab and bool(self.eval_vocab.unseen_ids) and bool(self.eval_vocab.seen_ids)
         self.unseen_ids = list(self.eval_vocab.unseen_ids) if split else None  # GZSL S/U/hIoU only with both
         self.seen_ids = list(self.eval_vocab.seen_ids) if split else []  # the classes the seen penalty lowers
+        self.protocols = {spec.name: spec.protocol for spec in self.methods}  # setup: the models' own penalties
+        self.applied: dict[str, dict[str, Any]] = {}  # setup: per method what the workers scored with
         self._reset()
 
     def _eval_vocabulary(self) -> tuple[Vocabulary, np.ndarray | None]:
@@ -208,6 +210,12 @@ class EvalStage(Stage):
         self.predictors = {spec.name: build_predictor(spec.entry, self.predict_vocab, self.context.upstream,
                                                       self.device)
                            for spec in self.methods if not spec.is_labels}
+        logits_methods = [spec for spec in self.methods if not spec.is_labels]
+        self.protocols = {spec.name: effective_protocol(spec, self.predictors[spec.name]) for spec in logits_methods}
+        self.applied = {spec.name: {"seen_penalty": self.protocols[spec.name].seen_penalty,
+                                    "source": penalty_source(spec, self.predictors[spec.name]),
+                                    "knn_postprocess": self.protocols[spec.name].knn_postprocess}
+                        for spec in logits_methods}
 
     def _reset(self) -> None:
         size, ignore = self.eval_vocab.num_classes, self.eval_vocab.ignore_index
@@ -289,8 +297,8 @@ class EvalStage(Stage):
         from pipeline.predict.engine import predict
 
         predictor = self.predictors[spec.name]
-        pred = predict(image, predictor.logits, spec.protocol, self.predict_vocab.num_classes, self.seen_ids,
-                       self.device)
+        pred = predict(image, predictor.logits, self.protocols[spec.name], self.predict_vocab.num_classes,
+                       self.seen_ids, self.device)
         if self.background_id is None:
             return pred
         return fold_background_words(pred, self.eval_vocab.num_classes, self.background_id)
@@ -311,7 +319,8 @@ class EvalStage(Stage):
     def end_shard(self) -> dict[str, Any]:
         """Per method: the shard's confusion matrix (and labels coverage/missing counts); report candidates."""
         extra = {"confusion": {name: cm.to_dict() for name, cm in self.matrices.items()},
-                 "coverage": self.coverage, "missing": self.missing, "report_keys": self.report_keys}
+                 "coverage": self.coverage, "missing": self.missing, "report_keys": self.report_keys,
+                 "applied": self.applied}
         self._reset()
         return extra
 
@@ -346,6 +355,12 @@ class EvalStage(Stage):
         result = compute_metrics(matrix, list(self.eval_vocab.names), unseen_ids=self.unseen_ids,
                                  miou_denominator=spec.miou_denominator)
         result.update(spec.record())
+        used = {json.dumps(m.extra.get("applied", {}).get(spec.name), sort_keys=True) for m in done} - {"null"}
+        if len(used) == 1:  # what the workers scored with: the model's own penalty (unless overridden), its K-NN
+            applied = json.loads(used.pop())
+            result["protocol"]["seen_penalty"] = applied["seen_penalty"]
+            result["protocol"]["knn_postprocess"] = applied["knn_postprocess"]
+            result["seen_penalty_source"] = applied["source"]
         if spec.is_labels:
             labelled = sum(m.extra["coverage"][spec.name][0] for m in done)
             valid = sum(m.extra["coverage"][spec.name][1] for m in done)

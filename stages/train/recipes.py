@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.vocab import Vocabulary
+from pipeline.methods.configs import PIXEL_STATS
 from pipeline.methods.registry import METHODS, BuiltMethod, dinov2_features
 from pipeline.models.preprocess import normalize
 from pipeline.shards import StageOutput
 from pipeline.train.batches import ImageLabelDecoder, batches_from, decode_grid, stack_images
 from pipeline.train.checkpoints import load_trainable_state, read_model
+from pipeline.train.configs import AugmentConfig
 from pipeline.train.loop import Recipe, lr_schedule
 
 if TYPE_CHECKING:
@@ -57,11 +59,12 @@ def build(inputs: RecipeInputs) -> BuiltMethod:
     return built
 
 
-def image_batches(inputs: RecipeInputs) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
-    """Start step -> endless augmented image/label crops of port `images` on the worker's device."""
+def image_batches(inputs: RecipeInputs, augment: AugmentConfig, pad_rgb: tuple[float, float, float] = (0.0, 0.0, 0.0)
+                  ) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
+    """Start step -> endless crops of port `images` (the method's `augment`, padding `pad_rgb`) on the device."""
     cfg, output = inputs.cfg, inputs.upstream["images"]
-    decoder = ImageLabelDecoder(cfg.image_size, cfg.label_file, inputs.vocab.ignore_index, inputs.seed,
-                                cfg.min_scale, cfg.max_scale)
+    decoder = ImageLabelDecoder(cfg.image_size, cfg.label_file, inputs.vocab.ignore_index, inputs.seed, augment,
+                                pad_rgb)
     return lambda start: (stack_images(b, inputs.device) for b in batches_from(
         output, inputs.per_rank_batch, inputs.seed, start, output.num_samples, decoder))
 
@@ -84,7 +87,8 @@ def ifseg_recipe(inputs: RecipeInputs) -> Recipe:
     lr = lr_schedule(cfg.ifseg.schedule, cfg.loop.steps, cfg.ifseg.warmup_steps)
     optimizer = method.build_optimizer(built.model)
     if "grids" in inputs.upstream:
-        return Recipe(built.model, optimizer, lambda m, b, s: method.loss(m, b), grid_batches(inputs), lr)
+        return Recipe(built.model, optimizer, lambda m, b, s: method.loss(m, b), grid_batches(inputs), lr,
+                      cfg.ifseg.grad_clip)
 
     def image_loss(m: torch.nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
         features, _ = clip.dense_features(normalize(batch["pixels"], clip.mean, clip.std))
@@ -92,7 +96,7 @@ def ifseg_recipe(inputs: RecipeInputs) -> Recipe:
         loss = F.cross_entropy(logits, batch["labels"], ignore_index=inputs.vocab.ignore_index)
         return loss, {"loss": loss.item()}
 
-    return Recipe(built.model, optimizer, image_loss, image_batches(inputs), lr)
+    return Recipe(built.model, optimizer, image_loss, image_batches(inputs, cfg.ifseg.augment), lr, cfg.ifseg.grad_clip)
 
 
 def align_recipe(inputs: RecipeInputs) -> Recipe:
@@ -109,22 +113,31 @@ def align_recipe(inputs: RecipeInputs) -> Recipe:
         return method.loss(m, {"features": features, "patch_labels": labels.to(inputs.device)})
 
     lr = lr_schedule(method.cfg.schedule, inputs.cfg.loop.steps)
-    return Recipe(built.model, method.build_optimizer(built.model), loss, image_batches(inputs), lr)
+    return Recipe(built.model, method.build_optimizer(built.model), loss, image_batches(inputs, method.cfg.augment),
+                  lr, method.cfg.grad_clip)
 
 
 def zegclip_recipe(inputs: RecipeInputs) -> Recipe:
-    """NEL-loss training of prompts, queries and decoder on seen-class ground truth (`label_file: gt.png`)."""
+    """NEL-loss training of prompts, queries and decoder on seen-class ground truth (`label_file: gt.png`).
+
+    The release's recipe: mmseg crops (`zegclip.augment`, padding = the normalisation mean, i.e. 0 after
+    normalising), AdamW without gradient clipping, poly lr with warmup; in transductive mode the optimiser state
+    is cleared where self-training starts (the release's second run loads weights only) and the lr restarts.
+    """
     built = build(inputs)
     method, steps = built.method, inputs.cfg.loop.steps
     base = method.cfg.lr * method.cfg.lr_mult
+    mean = tuple(v / 255.0 for v in PIXEL_STATS[method.cfg.pixel_norm][0])
+    reset = method.self_training_start_step(steps) if method.cfg.reset_optimizer_at_switch else None
 
     def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
         batch = {"pixels": method.normalise(batch["pixels"] * 255.0), "labels": batch["labels"]}
         value, logs = method.loss(m, batch, step, steps)
         return value, {k: float(v) for k, v in logs.items()}
 
-    return Recipe(built.model, torch.optim.AdamW(method.param_groups(built.model)), loss, image_batches(inputs),
-                  lambda step: method.learning_rate(step, steps, base) / base)
+    return Recipe(built.model, torch.optim.AdamW(method.param_groups(built.model)), loss,
+                  image_batches(inputs, method.cfg.augment, mean),
+                  lambda step: method.learning_rate(step, steps, base) / base, method.cfg.grad_clip, reset)
 
 
 RECIPES: dict[str, Callable[[RecipeInputs], Recipe]] = {

@@ -44,7 +44,7 @@ class TrainConfig(MethodConfig):
         batch_size: global samples per step, split evenly across workers.
         image_size: square training crop of the image methods.
         label_file: the label member of image samples (`label.png` pseudo-labels or `gt.png` ground truth).
-        min_scale, max_scale: random resize of the short side before cropping.
+        (Crop augmentation and gradient clipping are the method's: `<method>.augment`, `<method>.grad_clip`.)
         loop: the step loop (steps, checkpoints, logging, precision).
         resources: where it runs (not part of the fingerprint).
     """
@@ -53,8 +53,6 @@ class TrainConfig(MethodConfig):
     batch_size: int = 16
     image_size: int = 512
     label_file: str = "label.png"
-    min_scale: float = 0.75
-    max_scale: float = 1.5
     loop: LoopConfig = field(default_factory=LoopConfig)
     resources: ScalingKnobs = field(default_factory=ScalingKnobs)
 
@@ -63,7 +61,7 @@ class TrainStage(Stage):
     """Unsharded stage: `run_unsharded` drives Ray Train (or the local backend) and writes model.pt."""
 
     kind = "train"
-    code_version = "1"
+    code_version = "2"  # 2: release ZegCLIP recipe (mmseg crops, no clip, reset at switch, double CLS), IFSeg words
     schema = "model/1"
     sharded = False
     uses_models = True

@@ -65,6 +65,18 @@ def test_tsupcon_hand_computed_two_patches() -> None:
     assert loss.item() == pytest.approx(2 * (-1 + math.log(math.e + 2)) / 4, abs=1e-6)
 
 
+def test_tsupcon_normaliser_counts_all_text_features_by_default() -> None:
+    # z1 = t1 = e1, z2 = t2 = e2, t3 = e3 absent from the batch. Per patch ℓ_t = -1 + log(e + 1 + 1 + 1) (K = 3
+    # prototypes and one other patch in the denominator), ℓ_im = -1 + log(exp 0) = -1 (self positive).
+    eye = torch.eye(3)
+    z, y = eye[:2], torch.tensor([0, 1])
+    total = 2 * (-1 + math.log(math.e + 3)) + 2 * -1
+    assert tsupcon_loss(z, y, eye).item() == pytest.approx(total / (2 + 3), abs=1e-6)  # Eq. 1: B·N + K, K = 3
+    present = tsupcon_loss(z, y, eye, count_absent_classes=False)
+    assert present.item() == pytest.approx(total / (2 + 2), abs=1e-6)  # the variant: K = classes present
+    assert AlignConfig().count_absent_classes is True
+
+
 def test_tsupcon_gradients_and_edge_cases() -> None:
     z = F.normalize(torch.randn(5, 3), dim=-1).requires_grad_()
     t = F.normalize(torch.randn(2, 3), dim=-1)
@@ -72,7 +84,7 @@ def test_tsupcon_gradients_and_edge_cases() -> None:
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
     single = tsupcon_loss(F.normalize(torch.ones(1, 3), dim=-1), torch.tensor([1]), t)  # only ℓ_t is defined
     expected = -float(t[1].sum()) / math.sqrt(3) + math.log(float(torch.exp(t.sum(1) / math.sqrt(3)).sum()))
-    assert single.item() == pytest.approx(expected / 2, abs=1e-6)
+    assert single.item() == pytest.approx(expected / 3, abs=1e-6)  # B·N + K = 1 + 2 text features
     empty = torch.zeros(0, 3, requires_grad=True)
     assert tsupcon_loss(empty, torch.zeros(0, dtype=torch.long), t).item() == 0.0
     with pytest.raises(ValueError, match="labels must lie"):

@@ -138,3 +138,38 @@ def test_decoder_overfits_word_grids() -> None:
     # Score at token resolution: nearest upsampling to 12 and to 24 puts cell borders up to half a token apart,
     # so label-resolution accuracy has a ceiling below 1 even for a perfect token classifier.
     assert pixel_accuracy(token_level, model, held_out) > 0.9
+
+
+def test_word_cross_attention_equals_hand_computation() -> None:
+    from pipeline.methods.ifseg import WordCrossAttention
+
+    torch.manual_seed(0)
+    block = WordCrossAttention(width=4, heads=1).eval()
+    tokens, words = torch.randn(1, 3, 4), torch.randn(1, 2, 4)
+    w_q, w_k, w_v = block.attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = block.attn.in_proj_bias.chunk(3)
+    normed = (tokens - tokens.mean(-1, keepdim=True)) / torch.sqrt(tokens.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    q, k, v = normed @ w_q.T + b_q, words @ w_k.T + b_k, words @ w_v.T + b_v  # LayerNorm weight 1, bias 0 at init
+    weights = torch.softmax(q @ k.transpose(1, 2) / 2.0, dim=-1)  # sqrt(4) = 2
+    expected = tokens + (weights @ v) @ block.attn.out_proj.weight.T + block.attn.out_proj.bias
+    assert torch.allclose(block(tokens, words), expected, atol=1e-5)
+
+
+def test_decoder_word_cross_attention_shapes_and_effect() -> None:
+    torch.manual_seed(0)
+    text = F.normalize(torch.randn(6, 16), dim=-1)
+    kwargs = {"width": 32, "depth": 2, "heads": 4, "pos_grid": 8, "dropout": 0.0, "drop_path": 0.0}
+    with_words = IFSegDecoder(text, **kwargs).eval()
+    without = IFSegDecoder(text, word_cross_attention=False, **kwargs).eval()
+    assert len(with_words.word_attn) == 2 and without.word_attn is None
+    assert with_words.words(3).shape == (3, 6, 32)
+    without.load_state_dict({k: v for k, v in with_words.state_dict().items() if k in without.state_dict()})
+    tokens = torch.randn(2, 16, 4, 4)
+    logits = with_words(tokens)
+    assert logits.shape == (2, 6, 4, 4) and not torch.allclose(logits, without(tokens), atol=1e-4)
+    with torch.no_grad():  # a zero residual branch leaves the self-attention-only decoder
+        for block in with_words.word_attn:
+            block.attn.out_proj.weight.zero_()
+            block.attn.out_proj.bias.zero_()
+    assert torch.allclose(with_words(tokens), without(tokens), atol=1e-5)
+    assert IFSegMethod(IFSegConfig(width=32, depth=1, heads=4), text).build_model().word_attn is not None

@@ -263,6 +263,10 @@ def test_schedule_and_seen_penalty(clip_model: torch.nn.Module) -> None:
     assert transductive.learning_rate(50, 100, 1.0) == pytest.approx(1e-6)  # warmup restarts at the switch
     assert transductive.learning_rate(60, 100, 1.0) == pytest.approx((1 - 1e-6) * 0.8**0.9 + 1e-6)
     assert inductive.eval_seen_penalty == 0.1 and transductive.eval_seen_penalty == 0.0
+    from pipeline.methods.registry import BuiltMethod, ZegCLIPPredictor  # what the eval stage scores with
+
+    served = [ZegCLIPPredictor(BuiltMethod(m, m.build_model())).seen_penalty for m in (inductive, transductive)]
+    assert served == [0.1, 0.0]
 
 
 def coloured_squares(num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,3 +325,59 @@ def test_low_precision_tower_trains_float32_prompts(clip_model: torch.nn.Module)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert model.backbone.prompt_embeddings.grad.dtype == torch.float32
     assert model.backbone.visual.conv1.weight.dtype == torch.bfloat16
+
+
+def _by_hand_deep_prompt_forward(backbone: DeepPromptViT, pixels: torch.Tensor, double_cls: bool
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The release's `forward_deep_prompt` written out: fresh projected prompts P_l between CLS and the patches at
+    every layer's input (the previous layer's prompt outputs dropped), prompt_norm, ln_post, proj."""
+    visual = backbone.visual
+    patches = visual.conv1(pixels).flatten(2).transpose(1, 2)  # [B, 16, 64]
+    cls_position = visual.positional_embedding[0] + (visual.class_embedding if double_cls else 0)
+    cls = (visual.class_embedding + cls_position).expand(pixels.shape[0], 1, -1)
+    tokens = visual.ln_pre(torch.cat([cls, patches + visual.positional_embedding[1:]], dim=1))
+    for layer, block in enumerate(visual.transformer.resblocks):
+        prompts = backbone.prompt_proj(backbone.prompt_embeddings[layer]).expand(pixels.shape[0], -1, -1)
+        tokens = torch.cat([tokens[:, :1], prompts, tokens[:, -16:]], dim=1)
+        tokens = block(tokens) if visual.transformer.batch_first else block(tokens.transpose(0, 1)).transpose(0, 1)
+    tokens = visual.ln_post(backbone.prompt_norm(tokens)) @ visual.proj
+    patch_map = tokens[:, -16:].transpose(1, 2).reshape(pixels.shape[0], -1, 4, 4)
+    return F.normalize(patch_map, dim=1), F.normalize(tokens[:, 0], dim=-1)
+
+
+@pytest.mark.parametrize("double_cls", [False, True])
+def test_deep_prompts_equal_a_by_hand_layer_by_layer_forward(clip_model: torch.nn.Module, double_cls: bool) -> None:
+    import copy
+
+    torch.manual_seed(3)
+    backbone = DeepPromptViT(copy.deepcopy(clip_model.visual), num_prompts=3,
+                             double_cls_embedding=double_cls).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    patches, global_embedding = backbone(pixels)
+    expected_patches, expected_global = _by_hand_deep_prompt_forward(backbone, pixels, double_cls)
+    assert torch.allclose(patches, expected_patches, atol=1e-5)
+    assert torch.allclose(global_embedding, expected_global, atol=1e-5)
+    other_prompts = copy.deepcopy(backbone)  # every layer's prompts matter: change only the last layer's
+    with torch.no_grad():
+        other_prompts.prompt_embeddings[-1].add_(1.0)
+    assert not torch.allclose(other_prompts(pixels)[0], patches, atol=1e-4)
+
+
+def test_release_cls_embedding_is_added_twice_by_default(clip_model: torch.nn.Module) -> None:
+    method = make_method(clip_model)
+    assert method.cfg.double_cls_embedding and method.build_model().backbone.double_cls_embedding
+    single = make_method(clip_model, double_cls_embedding=False).build_model().eval()
+    double = method.build_model().eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    assert not torch.allclose(single.backbone(pixels)[1], double.backbone(pixels)[1], atol=1e-4)
+
+
+def test_release_training_recipe_defaults() -> None:
+    cfg = ZegCLIPConfig()
+    assert (cfg.augment.min_scale, cfg.augment.max_scale, cfg.augment.long_side_factor) == (0.5, 2.0, 4.0)
+    assert cfg.augment.cat_max_ratio == 0.75 and cfg.augment.photometric and cfg.augment.flip_prob == 0.5
+    assert cfg.grad_clip is None and cfg.reset_optimizer_at_switch
+    from pipeline.config import build_config
+
+    partial = build_config(ZegCLIPConfig, {"augment": {"photometric": False}}, "zegclip")
+    assert partial.augment.cat_max_ratio == 0.75 and partial.augment.min_scale == 0.5  # others stay the release's

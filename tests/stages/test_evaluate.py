@@ -206,6 +206,30 @@ def test_zegclip_seen_penalty_lowers_the_seen_classes_of_the_vocabulary(tmp_path
     assert np.unique(read_label_png(sample["close.png"])).tolist() == [winner]
 
 
+@pytest.mark.parametrize("model_penalty, overrides, winner, used, source", [
+    (0.0, {}, 0, 0.0, "model"),          # transductive ZegCLIP under the zegclip preset (0.1): the model's 0.0 wins
+    (0.1, {}, 5, 0.1, "model"),          # inductive: 0.1 flips sky (0.5498 - 0.1) below tree (0.5250)
+    (None, {}, 5, 0.1, "protocol"),      # a model without a penalty of its own: the preset's
+    (0.0, {"seen_penalty": 0.1}, 5, 0.1, "override"),  # an explicit override is an ablation and wins
+])
+def test_seen_penalty_is_the_trained_models_own(tmp_path, monkeypatch, model_penalty, overrides, winner, used,
+                                                source):
+    def build(method, vocab, upstream, device):
+        model = CloseCall(method.name, vocab.num_classes)
+        if model_penalty is not None:
+            model.seen_penalty = model_penalty
+        return model
+
+    monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "close_model", build)
+    methods = [{"name": "close", "kind": "close_model", "protocol": "zegclip", "protocol_overrides": overrides}]
+    stage = make_stage(tmp_path, toy_config(methods=methods, max_images=1))
+    run_stage(stage)
+    sample = next(iter(iter_tar_samples(str(Path(stage.context.output_url) / "000000.tar"))))
+    assert np.unique(read_label_png(sample["close.png"])).tolist() == [winner]
+    record = read_metrics(stage)["methods"]["close"]
+    assert record["protocol"]["seen_penalty"] == used and record["seen_penalty_source"] == source
+
+
 def test_unseen_only_lut_keeps_unseen_classes_in_vocab_order():
     vocab = load_vocab("toy")  # unseen: tree 5, dog 9, boat 10
     label = np.array([[5, 9, 10, 0], [11, 255, 7, 5]])
@@ -316,7 +340,8 @@ def test_report_and_metrics_files(tmp_path, oracle_kind):
     ({"methods": [{"name": "m", "kind": "maskclip", "logit_scale": "big"}]},
      r"evaluate\.methods\[0\]\.logit_scale='big': expected float"),
     ({"methods": [{"name": "m", "kind": "labels", "input": "pseudo"}]}, r"methods\[0\]\.input='pseudo'"),
-    ({"methods": [{"name": "m", "kind": "maskclip", "knn": True}]}, "K-NN post-processing"),
+    ({"methods": [{"name": "m", "kind": "labels", "input": "pseudo", "knn": True}], "inputs": {"pseudo": "p"}},
+     "K-NN post-processing"),
     ({"methods": [{"name": "m.png", "kind": "maskclip"}]}, r"methods\[0\]\.name"),
     ({"methods": [{"name": "m", "kind": "mystery"}]}, r"kind='mystery'"),
     ({"protocol_overrides": {"crop_size": 3}}, r"unknown protocol key\(s\) \['crop_size'\]"),
@@ -371,3 +396,32 @@ def test_trained_methods_get_knn_from_the_protocol_unless_they_set_it(tmp_path, 
     wrong = make_stage(tmp_path, config, upstream={"model": "wrong"})
     with pytest.raises(ValueError, match="'ifseg': the model predicts 13 classes, the vocabulary 'toy' has 12"):
         wrong.setup()
+
+
+def test_maskclip_knn_only_when_asked_and_the_protocol_records_what_the_predictor_applied(tmp_path, monkeypatch):
+    built = []
+
+    def build_maskclip(method, vocab, upstream, device):
+        model = ColourModel(method.name, vocab.num_classes)
+        model.knn = bool(method.knn)
+        built.append((method.name, method.knn))
+        return model
+
+    def build_trained(method, vocab, upstream, device):  # a trained model that is not IFSeg ignores the request
+        model = ColourModel(method.name, vocab.num_classes)
+        model.knn = False
+        return model
+
+    monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "maskclip", build_maskclip)
+    monkeypatch.setitem(predictors.PREDICTOR_BUILDERS, "trained", build_trained)
+    methods = [{"name": "maskclip", "kind": "maskclip"},  # ifseg preset's knn_postprocess is for trained models
+               {"name": "maskclip_knn", "kind": "maskclip", "knn": True},
+               {"name": "align", "kind": "trained", "input": "model"}]
+    stage = make_stage(tmp_path, toy_config(inputs={"model": "m"}, methods=methods, max_images=1),
+                       upstream={"model": "output"})
+    assert [spec.entry.knn for spec in stage.methods] == [False, True, True]
+    run_stage(stage)
+    assert built == [("maskclip", False), ("maskclip_knn", True)]
+    recorded = read_metrics(stage)["methods"]
+    assert [recorded[name]["protocol"]["knn_postprocess"] for name in ("maskclip", "maskclip_knn", "align")] == [
+        False, True, False]
