@@ -26,6 +26,7 @@ from pipeline.progress import NodeRun
 from pipeline.shard_run import error_reason, run_shard
 from pipeline.shards import ShardDone, shard_name
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext
+from pipeline.threads import pinned_torch_threads
 
 RECHECK_S = 5.0  # how often a pool without a ready actor re-checks that the cluster can still host one
 
@@ -33,15 +34,18 @@ RECHECK_S = 5.0  # how often a pool without a ready actor re-checks that the clu
 class _ShardActor:
     """Holds one stage instance with its models loaded once; processes shards sent to it."""
 
-    def __init__(self, stage_cls: type[Stage], context: StageContext) -> None:
-        self.stage = stage_cls(context)
-        self.stage.setup()
+    def __init__(self, stage_cls: type[Stage], context: StageContext, torch_threads: int = 0) -> None:
+        self.torch_threads = torch_threads
+        with pinned_torch_threads(torch_threads):
+            self.stage = stage_cls(context)
+            self.stage.setup()
 
     def ready(self) -> dict[str, Any]:
         return where()
 
     def run(self, plan: ShardPlan, batch_size: int) -> ShardDone:
-        return run_shard(self.stage, plan, batch_size)
+        with pinned_torch_threads(self.torch_threads):
+            return run_shard(self.stage, plan, batch_size)
 
 
 @dataclass
@@ -61,12 +65,12 @@ class ActorPool:
         import ray
 
         self.node, self.resources, self.node_run = context.node, resources, node_run
-        self.wanted = demand(resources.num_cpus, resources.num_gpus)
-        self.fix = f"{self.node}.resources.num_cpus / num_gpus"
+        self.wanted = demand(resources.num_cpus, resources.num_gpus, resources.custom_resources)
+        self.fix = f"{self.node}.resources.num_cpus / num_gpus / custom_resources"
         self.actor_cls = ray.remote(_ShardActor).options(  # spread: a lost node costs as few actors as possible
-            num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_restarts=0, max_task_retries=0,
-            scheduling_strategy="SPREAD")
-        self.args = (stage_cls, ray.put(context))
+            num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, resources=resources.custom_resources or None,
+            max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD")
+        self.args = (stage_cls, ray.put(context), resources.torch_threads)
         self.slots: list[_Slot] = []
         self.refs: dict[Any, tuple[_Slot, str]] = {}
         self.attempts: dict[int, int] = {}

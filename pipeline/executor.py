@@ -28,6 +28,7 @@ from pipeline.progress import NodeRun, current
 from pipeline.shard_run import error_reason, run_batch, run_shard  # noqa: F401 - run_batch: public here too
 from pipeline.shards import ShardDone, shard_name
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext
+from pipeline.threads import pinned_torch_threads
 
 OnDone = Callable[[ShardDone], None]
 
@@ -53,14 +54,15 @@ class LocalExecutor:
             on_done: OnDone) -> None:
         node_run = current(context.node)
         node_run.begin(len(plans))
-        stage = stage_cls(context)
-        stage.setup()
-        driver = here()
-        for plan in plans:
-            node_run.check_abort()
-            done = run_shard(stage, plan, resources.batch_size)
-            on_done(done)
-            node_run.shard_done(done, driver)
+        with pinned_torch_threads(resources.torch_threads):
+            stage = stage_cls(context)
+            stage.setup()
+            driver = here()
+            for plan in plans:
+                node_run.check_abort()
+                done = run_shard(stage, plan, resources.batch_size)
+                on_done(done)
+                node_run.shard_done(done, driver)
 
 
 class RayExecutor:
@@ -85,11 +87,12 @@ class RayExecutor:
             raise ShardsFailed(context.node, failures, len(plans))
 
 
-def _run_shard_task(stage_cls: type[Stage], context: StageContext, plan: ShardPlan,
-                    batch_size: int) -> tuple[ShardDone, dict[str, Any]]:
-    stage = stage_cls(context)
-    stage.setup()
-    return run_shard(stage, plan, batch_size), where()
+def _run_shard_task(stage_cls: type[Stage], context: StageContext, plan: ShardPlan, batch_size: int,
+                    torch_threads: int = 0) -> tuple[ShardDone, dict[str, Any]]:
+    with pinned_torch_threads(torch_threads):
+        stage = stage_cls(context)
+        stage.setup()
+        return run_shard(stage, plan, batch_size), where()
 
 
 def _task_map(stage_cls: type[Stage], context: StageContext, plans: list[ShardPlan], resources: Resources,
@@ -101,10 +104,11 @@ def _task_map(stage_cls: type[Stage], context: StageContext, plans: list[ShardPl
     """
     import ray
 
-    wanted = demand(resources.num_cpus)
-    fits = check_placement(context.node, "each task", wanted, len(plans), f"{context.node}.resources.num_cpus")
+    wanted = demand(resources.num_cpus, custom=resources.custom_resources)
+    fits = check_placement(context.node, "each task", wanted, len(plans),
+                           f"{context.node}.resources.num_cpus / custom_resources")
     remote = ray.remote(_run_shard_task).options(num_cpus=resources.num_cpus, max_retries=resources.max_retries,
-                                                 retry_exceptions=True)
+                                                 resources=resources.custom_resources or None, retry_exceptions=True)
     context_ref = ray.put(context)
     queue, pending, failures = deque(plans), {}, {}
 
@@ -119,7 +123,8 @@ def _task_map(stage_cls: type[Stage], context: StageContext, plans: list[ShardPl
             node_run.check_abort()
             while queue and len(pending) < max(2, 2 * fits):
                 plan = queue.popleft()
-                pending[remote.remote(stage_cls, context_ref, plan, resources.batch_size)] = plan
+                ref = remote.remote(stage_cls, context_ref, plan, resources.batch_size, resources.torch_threads)
+                pending[ref] = plan
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             if ready:
                 ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)

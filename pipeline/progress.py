@@ -7,6 +7,9 @@ Progress modes (the `progress` key):
   `progress pseudolabel: 7/12 shards, 28 samples, 1.9 samples/s, ETA 0:00:03` (for logs: `ray job submit`, CI);
 - `off`; `auto`: `bar` when stderr is a terminal, else `lines`.
 
+A trainer's step loop runs on its own worker and shows its steps with `StepProgress` the same way (a bar on a
+terminal, else a line every 10 s).
+
 The scheduler gives each node's thread a `NodeRun` (`Board.node_run`); the executors find it with `current` and
 report shards, placements and events to it. When the node ran, its run record (start and end time, where each
 shard ran, re-dispatched shards, events) is written to `run.json` beside the node's manifest: never into the
@@ -53,6 +56,8 @@ class NodeRun:
         placements: shard name -> where it ran (`pipeline.cluster.where`).
         redispatched: shards sent to another actor after their actor or its node died.
         events: notable things that happened (an actor lost, a pool shrunk), in order.
+        metrics: timings a stage reports about this run (e.g. a trainer's samples/s): kept here, never in the
+            manifest.
     """
 
     node: str
@@ -66,6 +71,7 @@ class NodeRun:
     placements: dict[str, dict[str, Any]] = field(default_factory=dict)
     redispatched: int = 0
     events: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
     status: str = "running"
     board: Board | None = field(default=None, repr=False)
     _began: float | None = field(default=None, repr=False)
@@ -119,7 +125,8 @@ class NodeRun:
         return {"node": self.node, "status": self.status, "error": error, "started": self.started, "ended": ended,
                 "started_utc": _utc(self.started), "ended_utc": _utc(ended), "seconds": ended - self.started,
                 "shards_run": self.done, "samples": self.samples, "redispatched": self.redispatched,
-                "events": self.events, "shards_per_worker_node": dict(sorted(hosts.items())),
+                "events": self.events, "metrics": dict(sorted(self.metrics.items())),
+                "shards_per_worker_node": dict(sorted(hosts.items())),
                 "placements": dict(sorted(self.placements.items()))}
 
 
@@ -223,6 +230,54 @@ class Board:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StepProgress:
+    """Progress of a step loop (a trainer, on its worker): a tqdm bar when `stream` is a terminal, else a log
+    line every `interval_s`, e.g. `progress train_ifseg: step 120/2000, 64.0 samples/s, ETA 0:00:29, loss=0.41`.
+
+    Args:
+        name: what steps (the node).
+        total, initial: the last step and the step it starts at (a resumed loop starts past 0).
+        samples_per_step: for the rate.
+        enabled: False on ranks other than 0 (nothing is shown).
+    """
+
+    def __init__(self, name: str, total: int, initial: int = 0, samples_per_step: int = 0, enabled: bool = True,
+                 interval_s: float = 10.0, stream: TextIO | None = None) -> None:
+        self.name, self.total, self.step, self.samples_per_step = name, total, initial, samples_per_step
+        self.enabled, self.interval_s, self.postfix = enabled, interval_s, ""
+        self.began, self.first, self.shown = time.monotonic(), initial, time.monotonic()
+        self.bar = None
+        stream = stream or sys.stderr
+        if enabled and _isatty(stream):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=name, unit="step", mininterval=1.0, file=stream)
+
+    def update(self, steps: int = 1, **postfix: Any) -> None:
+        """`steps` more steps done; `postfix` (e.g. loss=0.41) is shown from now on."""
+        self.step += steps
+        if postfix:
+            self.postfix = ", ".join(f"{k}={v}" for k, v in postfix.items())
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(steps)
+        elif self.enabled and (time.monotonic() - self.shown >= self.interval_s or self.step >= self.total):
+            log.info("progress %s", self.line())
+            self.shown = time.monotonic()
+
+    def line(self) -> str:
+        elapsed, done = max(time.monotonic() - self.began, 1e-9), self.step - self.first
+        eta = "?" if not done else _clock((self.total - self.step) * elapsed / done)
+        text = (f"{self.name}: step {self.step}/{self.total}, {done * self.samples_per_step / elapsed:.1f} "
+                f"samples/s, ETA {eta}")
+        return f"{text}, {self.postfix}" if self.postfix else text
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _isatty(stream: TextIO) -> bool:

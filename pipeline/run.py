@@ -30,8 +30,9 @@ from pipeline.lease import LeaseConfig, LeaseHeld, LeaseLost, hold
 from pipeline.overrides import config_hint, split_data_overrides
 from pipeline.planning import plan_fingerprints, planned_fingerprint
 from pipeline.progress import Board
-from pipeline.shards import MANIFEST_NAME, ShardDone, StageOutput, join, read_done, write_pointer, write_stage_index
+from pipeline.shards import MANIFEST_NAME, ShardDone, StageOutput, join, read_dones, write_pointer, write_stage_index
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext
+from pipeline.threads import pinned_torch_threads
 
 log = logging.getLogger("pipeline")
 PACKAGES = ("torch", "ray", "open_clip_torch", "segment-anything", "transformers", "webdataset", "numpy", "pyarrow")
@@ -164,12 +165,24 @@ def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
         if not (forced and not lease.waited) and (summary := _up_to_date(fs, node, out_path, cfg)):
             summary.reason = "committed by a concurrent run"  # while this run waited for, or raced to, the lease
             return summary
-        summary, manifest, shards = _execute(node, cfg, fingerprints, fs, out_path, planned, history, forced,
-                                             executor_kind)
+        with pinned_torch_threads(_driver_threads(node, executor_kind)):
+            summary, manifest, shards = _execute(node, cfg, fingerprints, fs, out_path, planned, history, forced,
+                                                 executor_kind)
         lease.check()
         _publish(fs, root_path, node, out_path, planned, manifest, shards)
     summary.reason = reason
     return summary
+
+
+def _driver_threads(node: dag.Node, executor_kind: str) -> int:
+    """`resources.torch_threads` of a node whose work runs in the driver (plan, shards, finalize), else 0.
+
+    Only such nodes pin the driver's threads: they run alone (`scheduler.runs_in_driver`), so the process-wide
+    setting is theirs while they run.
+    """
+    if not scheduler.runs_in_driver(node.config, executor_kind):
+        return 0
+    return int((node.config.get("resources") or {}).get("torch_threads") or 0)
 
 
 def _up_to_date(fs: fsspec.AbstractFileSystem, node: dag.Node, out_path: str,
@@ -231,10 +244,8 @@ def _run_shards(stage: Stage, node: dag.Node, fs: fsspec.AbstractFileSystem, out
     fingerprint = planned.value
     done: dict[int, ShardDone] = {}
     if not forced:
-        for plan in plans:
-            marker = read_done(fs, out_path, plan.index, fingerprint)
-            if marker is not None and not (retry_failed and marker.failed):
-                done[plan.index] = marker
+        markers = read_dones(fs, out_path, [plan.index for plan in plans], fingerprint)
+        done = {index: marker for index, marker in markers.items() if not (retry_failed and marker.failed)}
         source = incremental.same_base(history, planned.base)
         done |= incremental.reuse_shards(fs, source, [p for p in plans if p.index not in done], digests, out_path,
                                          fingerprint, retry_failed)

@@ -241,6 +241,35 @@ def read_done(fs: fsspec.AbstractFileSystem, stage_dir: str, index: int, fingerp
     return done
 
 
+def read_dones(fs: fsspec.AbstractFileSystem, stage_dir: str, indices: Iterable[int],
+               fingerprint: str) -> dict[int, ShardDone]:
+    """The shards of `indices` whose done-marker is valid (as `read_done` judges one), read as one batch.
+
+    One listing of `stage_dir` (names and sizes: which markers exist, the tars' sizes), then one `fs.cat` of the
+    markers found, which object stores fetch concurrently: a resume costs 1 LIST page per 1,000 files and one
+    GET per committed shard instead of a GET and a HEAD per planned shard, one after another.
+    """
+    fs.invalidate_cache(stage_dir)  # another process may have committed shards since this one last listed
+    try:
+        listing = fs.find(stage_dir, maxdepth=1, detail=True)
+    except FileNotFoundError:
+        return {}
+    sizes = {path.rstrip("/").rsplit("/", 1)[-1]: info.get("size") for path, info in listing.items()}
+    names = {shard_name(index): index for index in indices}
+    markers = [join(stage_dir, f"{name}.done.json") for name in names
+               if f"{name}.done.json" in sizes and f"{name}.tar" in sizes]
+    found: dict[int, ShardDone] = {}
+    for path, data in (fs.cat(markers, on_error="omit") if markers else {}).items():
+        try:
+            done = ShardDone(**json.loads(data))
+        except (json.JSONDecodeError, TypeError, ValueError):
+            continue
+        name = path.rsplit("/", 1)[-1].removesuffix(".done.json")
+        if name in names and done.fingerprint == fingerprint and sizes[f"{name}.tar"] == done.bytes:
+            found[names[name]] = done
+    return found
+
+
 def write_stage_index(
     fs: fsspec.AbstractFileSystem, stage_dir: str, manifest: dict[str, Any], done: list[ShardDone]
 ) -> None:

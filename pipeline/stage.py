@@ -60,6 +60,10 @@ class Resources:
         pool_size: actors in the pool for model stages (fixed size).
         batch_size: items per `process_batch` call.
         max_retries: Ray retries of a failed shard task (worker crash, node loss).
+        custom_resources: Ray custom resources per task or actor, e.g. {"accelerator_a100": 1} (what a node
+            declares with `ray start --resources`); checked against the cluster like CPUs and GPUs.
+        torch_threads: torch intra-op threads while the node's shards run, in the driver or a Ray worker
+            (0: leave torch's setting); set it to make float results independent of the caller's thread state.
     """
 
     num_cpus: float = 1.0
@@ -67,6 +71,8 @@ class Resources:
     pool_size: int = 1
     batch_size: int = 64
     max_retries: int = 3
+    custom_resources: dict[str, float] = field(default_factory=dict)
+    torch_threads: int = 0
 
 
 @dataclass

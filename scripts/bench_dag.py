@@ -67,6 +67,8 @@ def compare(label: str, base: list[str], work: Path) -> dict:
 def simulated_cluster(args: argparse.Namespace, temp_dir: str):
     from ray.cluster_utils import Cluster
 
+    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)  # Ray writes <RAY_TMPDIR>/ray/ray_current_cluster
+    os.environ["RAY_TMPDIR"] = temp_dir  # there, not in /tmp/ray (missing on a fresh machine; stale for others)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir,
                                                             "include_dashboard": False})
     for _ in range(args.nodes):

@@ -7,7 +7,8 @@ Part 1 builds a 1 M-item plan from generated item refs (no images: the refs a fo
 hashed and sorted, uniqueness checked), cuts it into shards with `shard_plans`, and sizes what the driver holds
 (resident memory growth) and writes: the pickled task argument of one shard, the manifest and the run record.
 Part 2 runs wordgrid and pseudolabel (image folder on s3://) against moto's S3 server on 127.0.0.1 and counts
-HTTP requests by kind, per shard. Last line: one JSON object.
+HTTP requests by kind, per shard: a first run, an up-to-date rerun, and a resume (every shard committed, the
+manifest removed, as after a kill). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -93,14 +94,18 @@ def s3_requests(images: int) -> dict:
             "wordgrid.num_samples=1000", "wordgrid.samples_per_shard=100", "pseudolabel.samples_per_shard=2",
             "pseudolabel.amg.points_per_side=4", "~pseudolabel.data",
             f"+pseudolabel.data={{kind:folder,root:{folder},vocab:toy}}"]
-    out = {}
+    out, seconds = {}, {}
     for node, shards in (("wordgrid", 10), ("pseudolabel", images // 2)):
-        for label in ("run", "up_to_date"):
+        for label in ("run", "up_to_date", "resume"):
+            if label == "resume":  # every shard committed, no manifest: what the rerun after a kill reads
+                fs.rm(fs.glob(f"segetl/scale/{node}/*/manifest.json"))
             phase[0] = f"{node}/{label}"
+            started = time.perf_counter()
             run(compose("demo", [*base, f"stages=[{node}]"]))
+            seconds[phase[0]] = round(time.perf_counter() - started, 2)
             out[phase[0]] = {k: round(v / shards, 2) for (p, k), v in sorted(counts.items()) if p == phase[0]}
     server.stop()
-    return {"requests_per_shard": out}
+    return {"requests_per_shard": out, "seconds": seconds}
 
 
 def main() -> None:

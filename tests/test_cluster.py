@@ -4,7 +4,9 @@ One `ray.cluster_utils.Cluster` for the module: a head with 0 CPUs and three 2-C
 file order and the node-loss tests remove a worker each (not gracefully), so later tests run on fewer nodes:
 an unplaceable pool and trainer fail fast; a trainer worker killed mid-training resumes from its checkpoint to the
 same model; a CPU stage (wordgrid) and a model stage (pseudolabel, concurrent with wordgrid) each lose a worker
-node mid-stage and still finish with bytes equal to a clean sequential run.
+node mid-stage and still finish with bytes equal to a clean sequential run. The model stage loses the node on
+which a pool actor runs a shard at that moment (found by process title under that node's raylet), so the test
+always exercises the re-dispatch of an in-flight shard.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ TRAIN = ["train_ifseg.loop.steps=40", "train_ifseg.loop.checkpoint_every=5", "tr
          "train_ifseg.prompt_templates=single", "train_ifseg.batch_size=4", "train_ifseg.ifseg.width=32",
          "train_ifseg.ifseg.depth=1", "train_ifseg.ifseg.heads=2", "train_ifseg.ifseg.label_size=16",
          "train_ifseg.resources.num_workers=1", "train_ifseg.resources.cpus_per_worker=1",
-         "train_ifseg.resources.max_failures=2"]
+         "train_ifseg.resources.max_failures=2", "train_ifseg.resources.torch_threads=1"]
 PSEUDO = ["toy.train_images=16", "toy.size=64", "pseudolabel.samples_per_shard=2", "pseudolabel.amg.points_per_side=4"]
 
 
@@ -49,6 +51,10 @@ def cluster():
             patch.setenv(name, value)
         patch.delenv("RAY_ADDRESS", raising=False)
         temp_dir = tempfile.mkdtemp(prefix="raycl", dir="/tmp")
+        # Ray writes the cluster's address to <RAY_TMPDIR>/ray/ray_current_cluster (it does not create the folder):
+        # here, not /tmp/ray, where a stale address file would capture other runs on this machine
+        os.makedirs(os.path.join(temp_dir, "ray"))
+        patch.setenv("RAY_TMPDIR", temp_dir)
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "temp_dir": temp_dir, "include_dashboard": False, "_system_config": FAST_HEALTH})
         for _ in range(3):
@@ -79,13 +85,46 @@ def markers(root: Path, node: str) -> list[Path]:
     return list(root.glob(f"{node}/*/*.done.json"))
 
 
-def remove_worker_when(cluster, condition: Callable[[], bool], run_future: Future) -> None:
-    """Remove one worker node (not gracefully) as soon as `condition()` holds while the run is still going."""
-    while not condition():
+def remove_worker_when(cluster, pick: Callable[[], object], run_future: Future) -> object:
+    """Remove the worker node `pick()` returns (not gracefully) as soon as it returns one; return that node."""
+    while (node := pick()) is None:
         assert not run_future.done(), f"the run ended before a node could be removed: {run_future.result()}"
         time.sleep(0.05)
-    node = sorted(cluster.worker_nodes, key=lambda n: n.unique_id)[0]
     cluster.remove_node(node, allow_graceful=False)
+    return node
+
+
+def first_worker(cluster) -> object:
+    return sorted(cluster.worker_nodes, key=lambda n: n.unique_id)[0]
+
+
+def _process_parents() -> dict[int, int]:
+    """pid -> parent pid of every process on this machine."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return parents
+
+
+def _has_title(pid: int, title: bytes) -> bool:
+    try:
+        return title in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def node_running(cluster, title: bytes) -> object | None:
+    """The worker node one of whose worker processes runs `title` now, e.g. b"ray::_ShardActor.run" (Ray titles
+    a worker process by the task it executes; a node's workers are children of its raylet), else None."""
+    raylets = {node.all_processes["raylet"][0].process.pid: node for node in cluster.worker_nodes}
+    for pid, parent in _process_parents().items():
+        if parent in raylets and _has_title(pid, title):
+            return raylets[parent]
+    return None
 
 
 def same_outputs(a: Path, b: Path, node: str) -> None:
@@ -106,6 +145,11 @@ def record(root: Path, node: str) -> dict:
      r"3 x \{CPU: 2\}"),
     (["stages=[wordgrid,train_ifseg]", *WORDGRID, *TRAIN, "train_ifseg.resources.num_workers=8"],
      r"train_ifseg: the Ray Train worker group asks for 8 x \{CPU: 1\} at once.*room for 6"),
+    (["stages=[wordgrid]", "force=[wordgrid]", *WORDGRID, "+wordgrid.resources.custom_resources.accelerator_a100=1"],
+     r"wordgrid: each task asks for \{CPU: 1, accelerator_a100: 1\}.*room for 0.*3 x \{CPU: 2\}; lower "
+     r"wordgrid.resources.num_cpus / custom_resources"),
+    (["stages=[wordgrid,train_ifseg]", *WORDGRID, *TRAIN, "+train_ifseg.resources.custom_resources.tpu=1"],
+     r"train_ifseg: the Ray Train worker group asks for 1 x \{CPU: 1, tpu: 1\} at once"),
 ])
 def test_a_request_the_cluster_cannot_place_fails_fast_naming_node_demand_and_cluster(cluster, work, capsys,
                                                                                        overrides, message):
@@ -120,25 +164,12 @@ def test_a_request_the_cluster_cannot_place_fails_fast_naming_node_demand_and_cl
 
 def _train_worker_pids() -> list[int]:
     """Ray Train worker processes among this test process' descendants (the module's cluster only)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
+    parents = _process_parents()
     mine, frontier = set(), {os.getpid()}
     while frontier:
         frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
         mine |= frontier
-    found = []
-    for pid in mine:
-        try:
-            if b"TrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-        except OSError:
-            continue
-    return found
+    return [pid for pid in mine if _has_title(pid, b"TrainWorker")]
 
 
 def test_cpu_stage_loses_a_worker_node_and_still_equals_a_clean_run(cluster, work):
@@ -146,7 +177,8 @@ def test_cpu_stage_loses_a_worker_node_and_still_equals_a_clean_run(cluster, wor
     lost = work / "lost"
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(main, on_cluster(cluster, lost, "stages=[wordgrid]", *WORDGRID))
-        remove_worker_when(cluster, lambda: len(markers(lost, "wordgrid")) >= 4, future)
+        remove_worker_when(cluster, lambda: first_worker(cluster) if len(markers(lost, "wordgrid")) >= 4 else None,
+                           future)
         at_removal = len(markers(lost, "wordgrid"))
         assert future.result(timeout=300) == 0
     assert at_removal < 40, "the node must be lost mid-stage"
@@ -159,7 +191,8 @@ def test_trainer_worker_killed_mid_training_resumes_to_the_same_model(cluster, w
 
     from pipeline.train.checkpoints import read_model
 
-    torch.set_num_threads(1)  # the Ray Train worker has one CPU: the same kernels as the reference
+    # train_ifseg.resources.torch_threads=1 (TRAIN): the local reference and the Ray Train worker use the same
+    # kernels whatever this process' thread count
     run(local(work / "clean", "stages=[wordgrid,train_ifseg]", *WORDGRID, *TRAIN))
     root = work / "lost"  # wordgrid is up to date there after the previous test
     checkpoints = lambda: list(root.glob("train_ifseg/*/checkpoints/step_*.pt"))  # noqa: E731
@@ -178,9 +211,6 @@ def test_trainer_worker_killed_mid_training_resumes_to_the_same_model(cluster, w
     assert all(torch.equal(ours[k], clean[k]) for k in ours)
 
 
-@pytest.mark.skip(reason="fails on the shared 2-core box (2 of 2 runs, 2026-12-01): the removed node held no in-flight "
-                         "pseudolabel shard, so nothing was redispatched; the removal must be timed on a shard "
-                         "that is running there (issue 14, open)")
 def test_model_stage_loses_a_worker_node_while_a_cpu_stage_runs_concurrently(cluster, work):
     both = ["stages=[wordgrid,pseudolabel]", *WORDGRID, *PSEUDO, "pseudolabel.resources.pool_size=3",
             "wordgrid.resources.num_cpus=0.5"]  # two 2-CPU nodes left: actors on both, wordgrid beside them
@@ -188,7 +218,8 @@ def test_model_stage_loses_a_worker_node_while_a_cpu_stage_runs_concurrently(clu
     run(local(clean, *both))  # sequential: executor=local runs one node at a time
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(main, on_cluster(cluster, lost, *both))
-        remove_worker_when(cluster, lambda: len(markers(lost, "pseudolabel")) >= 2, future)
+        busy = lambda: node_running(cluster, b"ray::_ShardActor.run") if markers(lost, "pseudolabel") else None  # noqa: E731
+        removed = remove_worker_when(cluster, busy, future)  # a node with a shard in flight on a pool actor
         at_removal = len(markers(lost, "pseudolabel"))
         assert future.result(timeout=600) == 0
     assert at_removal < 8, "the node must be lost mid-stage"
@@ -197,3 +228,5 @@ def test_model_stage_loses_a_worker_node_while_a_cpu_stage_runs_concurrently(clu
     grids, labels = record(lost, "wordgrid"), record(lost, "pseudolabel")
     assert max(grids["started"], labels["started"]) < min(grids["ended"], labels["ended"])  # they overlapped
     assert labels["redispatched"] >= 1 and any("an actor died" in event for event in labels["events"])
+    assert any(removed.node_id.startswith(event.split("on node ")[1][:12]) for event in labels["events"]
+               if "an actor died on node" in event)  # the lost actor was the one on the removed node

@@ -58,8 +58,12 @@ def test_ray_job_submit_end_to_end(tmp_path, monkeypatch):
 
     for name, value in RAY_ENV.items():
         monkeypatch.setenv(name, value)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
+    # Ray writes the head's address to <RAY_TMPDIR>/ray/ray_current_cluster and does not create the folder: keep
+    # it in this test's own directory (a stale one in /tmp/ray would capture other runs on this machine)
+    os.makedirs(os.path.join(temp_dir, "ray"))
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     dash_port = _free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "temp_dir": temp_dir, "include_dashboard": True, "dashboard_host": "127.0.0.1",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,8 @@ import pytest
 from pipeline import dag
 from pipeline.config import ConfigError
 from pipeline.run import compose, main, run
-from pipeline.shards import open_stage
+from pipeline.shards import SampleOutput, open_stage
+from pipeline.stage import Resources, ShardPlan, Stage
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = "+gridstats={stage:gridstats,inputs:{grids:wordgrid}}"
@@ -170,3 +174,100 @@ def test_force_publishes_a_new_manifest_without_deleting_the_one_others_read(tmp
     [summary] = run(config(tmp_path, "force=[wordgrid]"))
     assert (summary.status, summary.reason, summary.reused) == ("ran", "forced", 0)
     assert seen == [True] and manifest.exists()
+
+
+@dataclass
+class ThreadProbeConfig:
+    resources: Resources = field(default_factory=Resources)
+
+
+class ThreadProbeStage(Stage):
+    """One sample per upstream grid shard: torch's intra-op thread count in `setup` and while the shard runs."""
+
+    kind = "threadprobe"
+    schema = "threadprobe/1"
+    input_ports = ("grids",)
+    Config = ThreadProbeConfig
+
+    def plan(self) -> list[ShardPlan]:
+        return [ShardPlan(i, (i,)) for i in range(len(self.context.upstream["grids"].shard_urls()))]
+
+    def setup(self) -> None:
+        import torch
+
+        self.at_setup = torch.get_num_threads()
+
+    def process_batch(self, loaded: Sequence[int]) -> list[SampleOutput]:
+        import torch
+
+        body = json.dumps({"setup": self.at_setup, "shard": torch.get_num_threads()}).encode()
+        return [SampleOutput(key=f"{item:06d}", files={"json": body}) for item in loaded]
+
+
+@pytest.mark.parametrize("pinned, expected", [(1, 1), (0, 2)])
+def test_torch_threads_knob_pins_the_count_while_the_node_runs_and_restores_it(tmp_path, monkeypatch,
+                                                                               torch_threads, pinned, expected):
+    import torch
+
+    monkeypatch.setitem(dag.STAGES, "threadprobe", "test_run:ThreadProbeStage")
+    torch_threads(2)  # the caller's state
+    probe = f"+probe={{stage:threadprobe,inputs:{{grids:wordgrid}},resources:{{torch_threads:{pinned}}}}}"
+    run(config(tmp_path, probe, "stages=[wordgrid,probe]"))
+    seen = [json.loads(s["json"]) for s in open_stage(str(tmp_path / "probe")).samples()]
+    assert seen == [{"setup": expected, "shard": expected}] * 3
+    assert torch.get_num_threads() == 2  # restored
+
+
+def test_pinned_torch_threads_restores_and_zero_leaves_torch_alone(torch_threads):
+    import torch
+
+    from pipeline.threads import pinned_torch_threads
+
+    torch_threads(2)
+    with pinned_torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with pytest.raises(KeyError), pinned_torch_threads(1):
+        raise KeyError("restored on errors too")
+    assert torch.get_num_threads() == 2
+    with pinned_torch_threads(0):
+        assert torch.get_num_threads() == 2
+
+
+def test_only_nodes_that_run_in_the_driver_pin_its_threads():
+    from pipeline.run import _driver_threads
+
+    def node(**resources: object) -> dag.Node:
+        return dag.Node(name="n", kind="train", config={"resources": resources}, inputs={})
+
+    assert _driver_threads(node(torch_threads=3), "local") == 3
+    assert _driver_threads(node(torch_threads=3, backend="local"), "ray") == 3  # a local-backend trainer
+    assert _driver_threads(node(torch_threads=3), "ray") == 0  # its work runs on Ray workers, which pin it there
+    assert _driver_threads(node(), "local") == 0
+
+
+@pytest.mark.parametrize("protocol", ["file", "memory"])
+def test_resume_reads_every_valid_done_marker_in_one_listing_and_one_cat(tmp_path, protocol):
+    import fsspec
+
+    from pipeline.shards import commit_shard, read_done, read_dones
+
+    fs = fsspec.filesystem(protocol)
+    stage = str(tmp_path / "fp") if protocol == "file" else f"/resume-{os.getpid()}/fp"
+    sample = [SampleOutput("k", {"txt": b"x"})]
+    for index in range(5):
+        commit_shard(fs, stage, index, sample, "other" if index == 3 else "fp")
+    fs.pipe_file(f"{stage}/000001.tar", b"truncated")  # its marker's size no longer matches
+    fs.pipe_file(f"{stage}/000002.done.json", b"{not json")
+    fs.rm(f"{stage}/000004.tar")
+    calls = []
+    for name in ("cat", "cat_file", "size", "info", "find"):
+        method = getattr(fs, name)
+        setattr(fs, name, lambda *a, _m=method, _n=name, **k: (calls.append(_n), _m(*a, **k))[1])
+    found = read_dones(fs, stage, range(7), "fp")
+    assert calls.count("find") == calls.count("cat") == 1 and "size" not in calls  # not a GET + HEAD per shard
+    assert sorted(found) == [0] and found[0].bytes == fs.size(f"{stage}/000000.tar")
+    assert {i: read_done(fs, stage, i, "fp") for i in range(7)} == {i: found.get(i) for i in range(7)}
+    assert read_dones(fs, f"{stage}-missing", range(3), "fp") == {}
+    if protocol == "memory":
+        fs.rm(stage.rsplit("/", 1)[0], recursive=True)

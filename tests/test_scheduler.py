@@ -150,6 +150,37 @@ def test_board_in_a_log_writes_periodic_lines_for_each_running_node(caplog):
     assert any(m.startswith("progress train_ifseg: running for") for m in messages)
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_trainer_steps_in_a_log_are_lines_and_on_a_terminal_a_bar(caplog, monkeypatch):
+    from pipeline.progress import StepProgress
+
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    clock = iter(range(0, 10_000, 4))  # monotonic seconds: 4 s per call
+    monkeypatch.setattr("pipeline.progress.time.monotonic", lambda: next(clock))
+    piped = io.StringIO()
+    steps = StepProgress("train_ifseg", 10, initial=2, samples_per_step=8, interval_s=10, stream=piped)
+    for step in range(3, 11):
+        steps.update(1, **({"loss": "0.5000"} if step == 6 else {}))
+    lines = [r.message for r in caplog.records]
+    assert piped.getvalue() == "" and len(lines) == 3  # every ~10 s of the fake clock, and the last step
+    assert lines[-1].startswith("progress train_ifseg: step 10/10, ") and lines[-1].endswith(", ETA 0:00:00, "
+                                                                                             "loss=0.5000")
+    caplog.clear()
+    terminal = _Terminal()
+    bar = StepProgress("train_ifseg", 3, stream=terminal)
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    assert "\r" in terminal.getvalue() and "3/3" in terminal.getvalue() and not caplog.records
+    quiet = StepProgress("train_ifseg", 3, enabled=False, interval_s=0, stream=piped)  # ranks other than 0
+    quiet.update(3)
+    assert not caplog.records and piped.getvalue() == ""
+
+
 NODES = [{"CPU": 0.0, "memory": 1e9, "node:127.0.0.1": 1.0}, {"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0}]
 
 
@@ -168,6 +199,25 @@ def test_placement_counts_units_per_node_and_names_what_the_cluster_has(monkeypa
         cluster.check_placement("pseudolabel", "each actor", cluster.demand(1.0, 2.0), 1, "x")
     with pytest.raises(cluster.PlacementError, match=r"asks for 5 x \{CPU: 1\} at once.*room for 4"):
         cluster.check_placement("train_ifseg", "the worker group", cluster.demand(1.0), 5, "x", all_at_once=True)
+
+
+def test_placement_counts_custom_resources_that_nodes_declare(monkeypatch):
+    from pipeline import cluster
+
+    nodes = [{"CPU": 4.0, "accelerator_a100": 2.0}, {"CPU": 4.0, "accelerator_a100": 0.5}, {"CPU": 8.0}]
+    monkeypatch.setattr(cluster, "alive_nodes", lambda: nodes)
+    wanted = cluster.demand(1.0, custom={"accelerator_a100": 1.0, "unused": 0.0})
+    assert wanted == {"CPU": 1.0, "accelerator_a100": 1.0}
+    assert cluster.capacity(wanted, nodes) == 2  # 2 on the first node, none on the others
+    assert cluster.check_placement("pseudolabel", "each actor", wanted, 4, "x") == 2  # the pool shrinks to 2
+    assert cluster.check_placement("p", "each actor", cluster.demand(1.0, custom={"accelerator_a100": 0.5}), 9,
+                                   "x") == 5
+    with pytest.raises(cluster.PlacementError, match=r"pseudolabel: each actor asks for \{CPU: 1, tpu: 1\}, which "
+                                                     r"the cluster cannot hold \(room for 0\); the cluster has 3 "
+                                                     r"node\(s\): .*\{CPU: 4, accelerator_a100: 2\}"):
+        cluster.check_placement("pseudolabel", "each actor", cluster.demand(1.0, custom={"tpu": 1.0}), 1, "x")
+    with pytest.raises(cluster.PlacementError, match=r"3 x \{CPU: 1, accelerator_a100: 1\} at once.*room for 2"):
+        cluster.check_placement("train_ifseg", "the worker group", wanted, 3, "x", all_at_once=True)
 
 
 def test_unreachable_ray_address_exits_2_in_seconds_with_one_line(tmp_path, capsys):
@@ -212,3 +262,21 @@ def test_progress_in_a_log_is_a_few_lines_not_tqdm_frames(tmp_path):
     output = result.stdout + result.stderr
     assert "\r" not in output and "2000 samples" in result.stdout
     assert len(output.encode()) < 4096, output  # tqdm wrote a ~100-byte frame per shard into one line
+
+
+def test_trainer_manifest_has_no_timing_and_its_steps_log_as_lines(tmp_path, caplog, capfd):
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    train = ["stages=[wordgrid,train_ifseg]", "train_ifseg.loop.steps=6", "train_ifseg.loop.log_every=3",
+             "train_ifseg.loop.checkpoint_every=6", "train_ifseg.batch_size=4", "train_ifseg.ifseg.width=32",
+             "train_ifseg.ifseg.depth=1", "train_ifseg.ifseg.heads=2", "train_ifseg.ifseg.label_size=16",
+             "train_ifseg.prompt_templates=single"]
+    run(_cfg(tmp_path / "a", *train))
+    output = open_stage(str(tmp_path / "a" / "train_ifseg"))
+    manifest = Path(output.path, "manifest.json").read_bytes()
+    assert set(json.loads(manifest)["final_log"]) >= {"step", "lr", "loss"}
+    assert "samples_per_s" not in json.loads(manifest)["final_log"]
+    assert json.loads(Path(output.path, "run.json").read_text())["metrics"]["train_samples_per_s"] > 0
+    assert any(r.message.startswith("progress train_ifseg: step 6/6, ") for r in caplog.records)
+    assert "\r" not in capfd.readouterr().err  # no tqdm frames when stderr is not a terminal
+    run(_cfg(tmp_path / "b", *train))  # the same run again: its timings differ, its manifest does not
+    assert Path(open_stage(str(tmp_path / "b" / "train_ifseg")).path, "manifest.json").read_bytes() == manifest

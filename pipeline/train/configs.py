@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Schedule = Literal["constant", "cosine", "poly"]  # learning-rate schedules of `pipeline.train.loop.lr_schedule`
@@ -66,6 +66,8 @@ class ScalingKnobs:
         use_gpu: one GPU per worker.
         cpus_per_worker: CPUs reserved per worker.
         max_failures: worker-group restarts Ray Train attempts; each resumes from the last checkpoint.
+        custom_resources: Ray custom resources per worker, e.g. {"accelerator_a100": 1}.
+        torch_threads: torch intra-op threads on each worker (0: leave torch's setting).
     """
 
     backend: Literal["ray", "local"] = "ray"
@@ -73,3 +75,5 @@ class ScalingKnobs:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 1
+    custom_resources: dict[str, float] = field(default_factory=dict)
+    torch_threads: int = 0

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeline.threads import pinned_torch_threads
 from pipeline.train.configs import ScalingKnobs
 
 
@@ -52,13 +53,15 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _ray_worker_entry(config: dict[str, Any]) -> None:
-    config["job"].run_worker()
+    with pinned_torch_threads(config.get("torch_threads", 0)):
+        config["job"].run_worker()
 
 
 def fit(job: TrainJob, scaling: ScalingKnobs, name: str) -> None:
     """Run `job.run_worker()` on Ray Train workers (backend "ray") or in this process (backend "local")."""
     if scaling.backend == "local":
-        job.run_worker()
+        with pinned_torch_threads(scaling.torch_threads):
+            job.run_worker()
         return
     if scaling.backend != "ray":
         raise ValueError(f"train backend {scaling.backend!r}: choose ray or local")
@@ -68,14 +71,16 @@ def fit(job: TrainJob, scaling: ScalingKnobs, name: str) -> None:
     from pipeline.cluster import check_placement, demand
 
     node = name.rsplit("-", 1)[0]  # fail fast instead of waiting forever for a worker group that cannot be placed
-    check_placement(node, "the Ray Train worker group", demand(scaling.cpus_per_worker, float(scaling.use_gpu)),
-                    scaling.num_workers, f"{node}.resources.num_workers / cpus_per_worker / use_gpu", all_at_once=True)
+    per_worker = demand(scaling.cpus_per_worker, float(scaling.use_gpu), scaling.custom_resources)
+    check_placement(node, "the Ray Train worker group", per_worker, scaling.num_workers,
+                    f"{node}.resources.num_workers / cpus_per_worker / use_gpu / custom_resources", all_at_once=True)
     storage = os.environ.get("SEGETL_RAY_TRAIN_STORAGE") or tempfile.mkdtemp(prefix="segetl-train-")
     trainer = TorchTrainer(
         _ray_worker_entry,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "torch_threads": scaling.torch_threads},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker,
+                                                           **scaling.custom_resources}),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(scaling.max_failures)),
     )
     trainer.fit()

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any, get_args
 
 import torch
-from tqdm import tqdm
 
 from pipeline.models.precision import autocast
+from pipeline.progress import StepProgress
 from pipeline.train.checkpoints import CheckpointStore, load_trainable_state, trainable_state
 from pipeline.train.configs import LoopConfig, Schedule
 from pipeline.train.fit import rank_and_world
@@ -51,7 +51,7 @@ class Recipe:
 
 
 def training_loop(model: torch.nn.Module, recipe: Recipe, cfg: LoopConfig, store: CheckpointStore,
-                  samples_per_step: int) -> list[dict[str, float]]:
+                  samples_per_step: int, name: str = "train") -> list[dict[str, float]]:
     """Run steps [resume step, cfg.steps); checkpoint on rank 0; return the logged rows.
 
     Args:
@@ -60,6 +60,8 @@ def training_loop(model: torch.nn.Module, recipe: Recipe, cfg: LoopConfig, store
         cfg: steps, checkpointing, logging, gradient clipping, precision.
         store: where checkpoints go and where a resumed run finds them.
         samples_per_step: global samples per step, for throughput logs.
+        name: what the progress shows (the node): a bar on a terminal, else a line every 10 s
+            (`pipeline.progress.StepProgress`).
 
     Returns:
         One row per log step: {"step", "lr", "samples_per_s", **the loss's log values}.
@@ -73,7 +75,7 @@ def training_loop(model: torch.nn.Module, recipe: Recipe, cfg: LoopConfig, store
     device = next(model.parameters()).device
     rows: list[dict[str, float]] = []
     stream = recipe.batches(start)
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=rank != 0, mininterval=1.0)
+    bar = StepProgress(name, cfg.steps, start, samples_per_step, enabled=rank == 0)
     window_start, window_steps = time.perf_counter(), 0
     model.train()
     grad_clip = recipe.grad_clip if cfg.grad_clip is None else cfg.grad_clip
@@ -85,15 +87,16 @@ def training_loop(model: torch.nn.Module, recipe: Recipe, cfg: LoopConfig, store
         with autocast(device, cfg.precision):
             loss, logs = recipe.loss(model, next(stream), step)
         _update(loss, optimizer, scaler, grad_clip)
-        bar.update(1)
         window_steps += 1
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             rate = window_steps * samples_per_step / (time.perf_counter() - window_start)
             rows.append({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": rate,
                          **{k: float(v) for k, v in logs.items()}})
-            bar.set_postfix(loss=f"{rows[-1].get('loss', float('nan')):.4f}")
             log.info("train %s", json.dumps(rows[-1]))
             window_start, window_steps = time.perf_counter(), 0
+            bar.update(1, loss=f"{rows[-1].get('loss', float('nan')):.4f}")
+        else:
+            bar.update(1)
         if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             store.save(step + 1, {"step": step + 1, "model": trainable_state(model),
                                   "optimizer": optimizer.state_dict()}, cfg.keep_checkpoints)

@@ -16,8 +16,9 @@ alignment module with TSupCon (Seifi et al. stage 2), and ZegCLIP.
   class (port `images` with `label_file: gt.png`); its predictor classifies SAM proposals with them.
 
 Each method's recipe is in `stages.train.recipes`; the loop, checkpoints and Ray Train in `pipeline.train`.
-Output: `<node>/<fingerprint>/model.pt` ({"method", "trainable", "config"}), `train_log.jsonl`, and
-`checkpoints/` for resuming a killed run.
+Output: `<node>/<fingerprint>/model.pt` ({"method", "trainable", "config"}), `train_log.jsonl` (with timings), and
+`checkpoints/` for resuming a killed run; the manifest's `final_log` is the last log row without its samples/s,
+which goes into the run record (`run.json`), so manifests are byte-identical across runs.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pipeline.config import ConfigError, checked_templates, checked_vocab
 from pipeline.data.vocab import Vocabulary
 from pipeline.methods.configs import MethodConfig
 from pipeline.models.checkpoints import model_weights_identity
+from pipeline.progress import current
 from pipeline.stage import Stage, StageContext
 from pipeline.train.configs import LoopConfig, ScalingKnobs
 
@@ -103,7 +105,10 @@ class TrainStage(Stage):
             scaling = replace(scaling, backend="local")
         fit(TrainJob(self.context), scaling, name=f"{self.context.node}-{self.context.output_url[-16:]}")
         rows = read_log(self.context.output_url)
-        return {"num_samples": self.cfg.loop.steps * self.cfg.batch_size, "final_log": rows[-1] if rows else {},
+        final = dict(rows[-1]) if rows else {}
+        if "samples_per_s" in final:  # a timing: into the run record (run.json), never the manifest
+            current(self.context.node).metrics["train_samples_per_s"] = final.pop("samples_per_s")
+        return {"num_samples": self.cfg.loop.steps * self.cfg.batch_size, "final_log": final,
                 "vocab": self.vocab.to_dict(), "model_file": "model.pt"}
 
     def train_worker(self) -> None:
@@ -123,7 +128,7 @@ class TrainStage(Stage):
                               per_rank_batch=max(1, cfg.batch_size // world))
         recipe = RECIPES[cfg.method](inputs)
         model = prepare_model(recipe.model)
-        rows = training_loop(model, recipe, cfg.loop, CheckpointStore(url), cfg.batch_size)
+        rows = training_loop(model, recipe, cfg.loop, CheckpointStore(url), cfg.batch_size, self.context.node)
         if rank == 0:
             save_model(url, cfg.method, model, self.context.config)
             save_log(url, rows)
