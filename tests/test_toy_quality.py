@@ -1,8 +1,8 @@
 """A reduced demo on the toy world must stay far above its random-weights floor (issues 6 and 11 regression guard).
 
-Runs pseudo-labelling (CLIP + SAM) on toy train scenes and the training-free baseline on toy val scenes, once per
-dense backend (`ClipConfig.dense`, all five methods in one eval stage), twice — with the committed toy checkpoints
-and with random weights — and compares the quality each run reports.
+Runs pseudo-labelling (CLIP + SAM, the demo's `dense: sclip`) on toy train scenes and the training-free baseline on
+toy val scenes, once per dense backend (`ClipConfig.dense`, all five methods in one eval stage), twice — with the
+committed toy checkpoints and with random weights — and compares the quality each run reports.
 """
 
 from __future__ import annotations
@@ -18,19 +18,23 @@ from pipeline.shards import open_stage
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 CLIP_WEIGHTS = REPO / "assets" / "models" / "toy_clip.pt"
+DINOV2_WEIGHTS = REPO / "assets" / "models" / "toy_dinov2.pt"
 BACKENDS = ("maskclip", "sclip", "clearclip", "naclip", "proxyclip")
 # Required margin (mIoU points) of each backend's baseline over its own random-weights floor on these 10 val scenes.
-# Measured (trained / floor mIoU): maskclip 18.6 / 3.2, sclip 18.5 / 3.4, clearclip 20.2 / 4.7, naclip 23.5 / 4.3,
-# proxyclip (random toy DINOv2 as proxy) 22.0 / 6.0; each bound is about half the measured margin.
-MARGINS = {"maskclip": 7.0, "sclip": 7.0, "clearclip": 7.0, "naclip": 9.0, "proxyclip": 8.0}
+# Measured 2026-12-02 (trained / floor mIoU): maskclip 18.6 / 3.2, sclip 18.5 / 3.4, clearclip 20.2 / 4.7,
+# naclip 23.5 / 4.3, proxyclip (trained toy DINOv2 as proxy; random-init for the floor) 20.4 / 6.0; each bound is
+# about half the measured margin.
+MARGINS = {"maskclip": 7.0, "sclip": 7.0, "clearclip": 7.0, "naclip": 9.0, "proxyclip": 7.0}
 
 
 def baseline_methods(trained: bool) -> str:
-    """One eval method per dense backend, all on the toy CLIP (random weights for the floor)."""
+    """One eval method per dense backend, all on the toy CLIP (random weights for the floor; ProxyCLIP's proxy is the
+    trained toy DINOv2, random-init for the floor)."""
     weights = CLIP_WEIGHTS if trained else "null"
+    proxy_weights = DINOV2_WEIGHTS if trained else "null"
     entries = []
     for backend in BACKENDS:
-        proxy = ",proxy:{name:toy}" if backend == "proxyclip" else ""
+        proxy = f",proxy:{{name:toy,weights:{proxy_weights}}}" if backend == "proxyclip" else ""
         clip = f"{{model_name:toy-vit,pretrained:{weights},dense:{backend}{proxy}}}"
         entries.append(f"{{name:{backend},kind:maskclip,templates:maskclip85,clip:{clip}}}")
     return "[" + ",".join(entries) + "]"
@@ -57,10 +61,12 @@ def reduced_demo(root: Path, trained: bool) -> tuple[dict, dict]:
 def test_trained_toy_models_stay_far_above_the_random_floor(tmp_path):
     trained_quality, trained_methods = reduced_demo(tmp_path / "trained", trained=True)
     floor_quality, floor_methods = reduced_demo(tmp_path / "floor", trained=False)
-    trained_pl = trained_quality["merged"]["mIoU_unlabelled_as_wrong"]
-    floor_pl = floor_quality["merged"]["mIoU_unlabelled_as_wrong"]
-    assert trained_pl > floor_pl + 5, (trained_pl, floor_pl)
-    assert trained_quality["merged"]["coverage"] > floor_quality["merged"]["coverage"]
+    # The demo's pseudo-labels (dense: sclip) on 10 toy train scenes, measured 2026-12-02 (trained / floor):
+    # coverage 42.9 / 19.7 %, mIoU on labelled pixels 12.0 / 0.9, with unlabelled pixels counted wrong 6.7 / 0.7.
+    trained_pl, floor_pl = trained_quality["merged"], floor_quality["merged"]
+    assert trained_pl["mIoU_labelled"] > floor_pl["mIoU_labelled"] + 5.5, (trained_pl, floor_pl)
+    assert trained_pl["mIoU_unlabelled_as_wrong"] > floor_pl["mIoU_unlabelled_as_wrong"] + 3, (trained_pl, floor_pl)
+    assert trained_pl["coverage"] > floor_pl["coverage"] + 10, (trained_pl, floor_pl)
     trained_maskclip, floor_maskclip = trained_methods["maskclip"], floor_methods["maskclip"]
     assert trained_maskclip["pAcc"] > floor_maskclip["pAcc"] + 10
     for backend in BACKENDS:

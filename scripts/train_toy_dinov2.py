@@ -1,0 +1,287 @@
+"""Train the toy DINOv2 (transformers ``Dinov2Model``, ``toy`` preset) self-supervised on ToyWorld: no labels.
+
+DINO self-distillation (Caron et al. 2021) on the CLS token plus iBOT masked patch prediction (Zhou et al. 2022),
+the two losses DINOv2 combines (Oquab et al. 2023, separate heads, as there):
+
+* Multi-crop: 2 global crops (``--global-scale`` of the scene's area, resized to ``--global-size`` px, 8 x 8
+  patches at 112) and ``--local-crops`` local crops (``--local-scale``, ``--local-size`` px). Every crop gets its
+  own flip and colour augmentation: hue rotation about the grey axis, saturation, contrast and brightness factors,
+  and greyscale with ``--grey-p``. ToyWorld's classes are colour-coded, so with weak colour augmentation a view's
+  colour alone matches its partner and a random network already separates the classes; strong hue/greyscale
+  forces the views to agree on texture, shape and layout instead.
+* Teacher = EMA of the student (momentum cosine ``--momentum`` -> 1), sees the global crops unmasked; its
+  outputs are centred (EMA centre, 0.9) and sharpened (``--teacher-temp``); student temperature 0.1.
+* DINO loss: cross-entropy of each teacher global view's CLS distribution against every other student view.
+* iBOT loss: the student sees each global crop with a random ``--mask-ratio`` of its patches replaced by the mask
+  token (``bool_masked_pos``); cross-entropy of the teacher's patch distribution against the student's at the
+  masked patches.
+* Heads: MLP D -> 256 -> 256 -> 64, L2-normalised, then a weight-normalised linear layer to ``--prototypes``.
+
+Evaluation (before and after, same protocol): a linear probe on frozen final-layer patch tokens (the features the
+alignment module reads, 112 px input -> 8 x 8 grid for a 128 px scene), fitted on ``--probe-train`` train scenes
+(each patch labelled with its majority class) and scored as mIoU on ``--probe-val`` val scenes (logits upsampled
+bilinearly to 128 px); also on the same val scenes with their hues rotated 120 degrees (colour-shift probe). Saves
+the backbone as a transformers-layout state dict (fp32), loadable with ``Dinov2Config(name="toy", weights=...)``.
+
+    nice -n 10 python scripts/train_toy_dinov2.py  # defaults are the ones used for assets/models/toy_dinov2.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+from tqdm import tqdm
+
+from pipeline.data.toyworld import CLASS_NAMES, render_scene, split_seed
+from pipeline.metrics import ConfusionMatrix, compute_metrics
+from pipeline.models.configs import Dinov2Config
+from pipeline.models.dinov2 import Dinov2
+from pipeline.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+MEAN, STD = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def render_split(split: str, count: int, size: int = 128) -> tuple[torch.Tensor, np.ndarray]:
+    """(N, 3, size, size) float [0, 1] images and (N, size, size) uint8 labels of ``count`` scenes of ``split``."""
+    scenes = [render_scene(split_seed(split, i), size) for i in tqdm(range(count), desc=f"render {split}")]
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255
+    return images, np.stack([s.label for s in scenes])
+
+
+def hue_rotate(images: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate RGB (B, 3, H, W) about the grey axis (1, 1, 1)/sqrt(3) by ``angle`` (B,) radians (Rodrigues)."""
+    axis = torch.full((3,), 3 ** -0.5)
+    cross = torch.tensor([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    cos, sin = angle.cos().view(-1, 1, 1), angle.sin().view(-1, 1, 1)
+    rotation = cos * torch.eye(3) + sin * cross + (1 - cos) * torch.outer(axis, axis)
+    return torch.einsum("bij,bjhw->bihw", rotation, images)
+
+
+def colour_augment(images: torch.Tensor, gen: torch.Generator, strength: float, grey_p: float) -> torch.Tensor:
+    """Per-image hue rotation (+-pi*strength), saturation/contrast/brightness factors, greyscale; [0, 1] in and out."""
+    batch = len(images)
+    uniform = lambda low, high: low + (high - low) * torch.rand(batch, generator=gen)  # noqa: E731
+    x = hue_rotate(images, uniform(-math.pi * strength, math.pi * strength))
+    grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = grey + uniform(1 - strength, 1 + strength).view(-1, 1, 1, 1) * (x - grey)  # saturation
+    mean = grey.mean((2, 3), keepdim=True)
+    x = mean + uniform(1 - strength / 2, 1 + strength / 2).view(-1, 1, 1, 1) * (x - mean)  # contrast
+    x = x * uniform(1 - strength / 2, 1 + strength / 2).view(-1, 1, 1, 1)  # brightness
+    to_grey = (torch.rand(batch, generator=gen) < grey_p).view(-1, 1, 1, 1)
+    x = torch.where(to_grey, (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True), x)
+    return x.clamp(0, 1)
+
+
+def random_crops(images: torch.Tensor, gen: torch.Generator, count: int, scale: tuple[float, float], out: int,
+                 args: argparse.Namespace) -> torch.Tensor:
+    """``count`` random square crops per image (area fraction in ``scale``), flipped and colour-augmented, ImageNet-
+    normalised: (count * B, 3, out, out), crop-major."""
+    batch, size = len(images), images.shape[-1]
+    area = scale[0] + (scale[1] - scale[0]) * torch.rand(count * batch, generator=gen)
+    side = (area.sqrt() * size).clamp(min=4)
+    x0, y0 = (torch.rand(2, count * batch, generator=gen) * (size - side)).unbind()
+    index = torch.arange(batch).repeat(count).float()
+    boxes = torch.stack([index, x0, y0, x0 + side, y0 + side], 1)
+    crops = roi_align(images, boxes, out, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    flip = (torch.rand(count * batch, generator=gen) < 0.5).view(-1, 1, 1, 1)
+    crops = colour_augment(torch.where(flip, crops.flip(-1), crops), gen, args.colour_strength, args.grey_p)
+    return (crops - MEAN) / STD
+
+
+class Head(torch.nn.Module):
+    """DINO/iBOT projection head: MLP D -> 256 -> 256 -> 64, L2 norm, weight-normalised linear -> K logits."""
+
+    def __init__(self, dim: int, prototypes: int) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 256), torch.nn.GELU(), torch.nn.Linear(256, 256),
+                                       torch.nn.GELU(), torch.nn.Linear(256, 64))
+        self.last = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(64, prototypes, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) tokens -> (..., K) logits."""
+        return self.last(F.normalize(self.mlp(x), dim=-1))
+
+
+class Student(torch.nn.Module):
+    """Backbone + CLS head (DINO) + patch head (iBOT)."""
+
+    def __init__(self, backbone: torch.nn.Module, prototypes: int) -> None:
+        super().__init__()
+        dim = backbone.config.hidden_size
+        self.backbone, self.cls_head, self.patch_head = backbone, Head(dim, prototypes), Head(dim, prototypes)
+
+    def forward(self, pixels: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> CLS logits (B, K) and patch logits (B, N, K); ``mask`` (B, N) bool = masked patches."""
+        tokens = self.backbone(pixel_values=pixels, bool_masked_pos=mask).last_hidden_state
+        return self.cls_head(tokens[:, 0]), self.patch_head(tokens[:, 1:])
+
+
+def sharpen(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+    """Teacher targets: softmax((logits - center) / temp)."""
+    return F.softmax((logits - center) / temp, dim=-1)
+
+
+def ssl_loss(student: Student, teacher: Student, views: tuple[torch.Tensor, torch.Tensor], state: dict,
+             args: argparse.Namespace, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """DINO (CLS, cross-view) + iBOT (masked patches) loss for one batch; updates the teacher centres in ``state``."""
+    global_crops, local_crops = views
+    with torch.no_grad():
+        t_cls, t_patch = teacher(global_crops)
+    patches = t_patch.shape[1]
+    mask = torch.rand(len(global_crops), patches, generator=gen) < args.mask_ratio
+    s_cls, s_patch = student(global_crops, mask)
+    s_local, _ = student(local_crops)
+    targets = sharpen(t_cls, state["cls_center"], args.teacher_temp).chunk(2)
+    student_views = list((s_cls / 0.1).chunk(2)) + list((s_local / 0.1).chunk(args.local_crops))
+    terms = [-(t * s.log_softmax(-1)).sum(-1).mean() for i, t in enumerate(targets)
+             for j, s in enumerate(student_views) if j != i]
+    dino = torch.stack(terms).mean()
+    patch_targets = sharpen(t_patch, state["patch_center"], args.teacher_temp)
+    per_patch = -(patch_targets * (s_patch / 0.1).log_softmax(-1)).sum(-1)
+    ibot = (per_patch * mask).sum() / mask.sum().clamp(min=1)
+    state["cls_center"] = 0.9 * state["cls_center"] + 0.1 * t_cls.mean(0)
+    state["patch_center"] = 0.9 * state["patch_center"] + 0.1 * t_patch.mean((0, 1))
+    return dino, ibot
+
+
+@torch.no_grad()
+def patch_features(backbone: torch.nn.Module, images: torch.Tensor, size: int) -> torch.Tensor:
+    """Frozen final-layer patch tokens (B, D, size/14, size/14) of [0, 1] images resized to ``size`` px."""
+    wrapper = Dinov2(backbone.eval(), Dinov2Config(name="toy"), identity="probe")
+    pixels = (F.interpolate(images, size=size, mode="bilinear", antialias=True) - MEAN) / STD
+    return torch.cat([wrapper.patch_features(chunk) for chunk in pixels.split(64)])
+
+
+def patch_majority(labels: np.ndarray, grid: int) -> torch.Tensor:
+    """(B, S, S) labels -> (B, grid, grid) majority class per patch cell."""
+    b, s, _ = labels.shape
+    cells = labels.reshape(b, grid, s // grid, grid, s // grid).transpose(0, 1, 3, 2, 4).reshape(b, grid, grid, -1)
+    counts = np.stack([(cells == c).sum(-1) for c in range(len(CLASS_NAMES))], -1)
+    return torch.from_numpy(counts.argmax(-1))
+
+
+def linear_probe(backbone: torch.nn.Module, data: dict, args: argparse.Namespace) -> dict:
+    """Fit a linear classifier on train patch tokens (majority labels); val mIoU/pAcc at 128 px, plain and hue-
+    rotated by 120 degrees."""
+    train = patch_features(backbone, data["probe_images"], args.global_size)
+    grid = train.shape[-1]
+    x = train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])
+    y = patch_majority(data["probe_labels"], grid).reshape(-1)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    probe = torch.nn.Linear(x.shape[1], len(CLASS_NAMES))
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(300):
+        loss = F.cross_entropy(probe((x - mean) / std), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    result = {}
+    shifted = hue_rotate(data["val_images"], torch.full((len(data["val_images"]),), 2 * math.pi / 3)).clamp(0, 1)
+    for name, images in (("probe", data["val_images"]), ("probe_hue120", shifted)):
+        feats = patch_features(backbone, images, args.global_size)
+        with torch.no_grad():
+            logits = probe((feats.permute(0, 2, 3, 1) - mean) / std).permute(0, 3, 1, 2)
+        logits = F.interpolate(logits, size=data["val_labels"].shape[-2:], mode="bilinear")
+        matrix = ConfusionMatrix(len(CLASS_NAMES))
+        matrix.update(logits.argmax(1).numpy().astype(np.uint8), data["val_labels"])
+        metrics = compute_metrics(matrix, CLASS_NAMES)
+        result |= {f"{name}_mIoU": metrics["mIoU"], f"{name}_pAcc": metrics["pAcc"]}
+    return result
+
+
+def train(student: Student, images: torch.Tensor, args: argparse.Namespace) -> list[dict]:
+    """The SSL loop; returns a loss log every ``--log-every`` steps."""
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.04)
+    warmup = max(1, args.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
+    gen = torch.Generator().manual_seed(args.seed)
+    prototypes = args.prototypes
+    state = {"cls_center": torch.zeros(prototypes), "patch_center": torch.zeros(prototypes)}
+    log, start = [], time.time()
+    for step in (bar := tqdm(range(args.steps), desc="train dinov2")):
+        batch = images[torch.randint(len(images), (args.batch,), generator=gen)]
+        views = (random_crops(batch, gen, 2, args.global_scale, args.global_size, args),
+                 random_crops(batch, gen, args.local_crops, args.local_scale, args.local_size, args))
+        student.train()
+        dino, ibot = ssl_loss(student, teacher, views, state, args, gen)
+        optimizer.zero_grad(set_to_none=True)
+        (dino + ibot).backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        optimizer.step()
+        schedule.step()
+        momentum = 1 - (1 - args.momentum) * (1 + math.cos(math.pi * step / args.steps)) / 2
+        with torch.no_grad():
+            for t, s in zip(teacher.parameters(), student.parameters()):
+                t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+        bar.set_postfix(dino=f"{dino.item():.3f}", ibot=f"{ibot.item():.3f}")
+        if (step + 1) % args.log_every == 0:
+            log.append({"step": step + 1, "dino": dino.item(), "ibot": ibot.item(), "s": round(time.time() - start)})
+    student.backbone.load_state_dict(teacher.backbone.state_dict())  # the teacher is the model DINO keeps
+    return log
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--steps", type=int, default=400)
+    add("--batch", type=int, default=24)
+    add("--lr", type=float, default=2e-3)
+    add("--prototypes", type=int, default=1024)
+    add("--teacher-temp", type=float, default=0.04)
+    add("--momentum", type=float, default=0.99, help="initial teacher EMA momentum (cosine to 1)")
+    add("--mask-ratio", type=float, default=0.3)
+    add("--global-size", type=int, default=112)
+    add("--local-size", type=int, default=56)
+    add("--global-scale", type=float, nargs=2, default=(0.35, 1.0))
+    add("--local-scale", type=float, nargs=2, default=(0.08, 0.35))
+    add("--local-crops", type=int, default=4)
+    add("--colour-strength", type=float, default=0.8, help="hue +-pi*s; saturation 1+-s; contrast, brightness 1+-s/2")
+    add("--grey-p", type=float, default=0.5)
+    add("--train-images", type=int, default=1000)
+    add("--probe-train", type=int, default=200)
+    add("--probe-val", type=int, default=200)
+    add("--log-every", type=int, default=100)
+    add("--seed", type=int, default=0)
+    add("--threads", type=int, default=1)
+    add("--init", type=str, default=None, help="state dict to continue from (default: seeded random init)")
+    add("--out", type=Path, default=Path("assets/models/toy_dinov2.pt"))
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    backbone = Dinov2.build(Dinov2Config(name="toy", weights=args.init, init_seed=args.seed, device="cpu")).model
+    images, _ = render_split("train", args.train_images)
+    probe_images, probe_labels = images[: args.probe_train], render_split("train", args.probe_train)[1]
+    val_images, val_labels = render_split("val", args.probe_val)
+    data = {"probe_images": probe_images, "probe_labels": probe_labels, "val_images": val_images,
+            "val_labels": val_labels}
+    report = {"init": linear_probe(backbone, data, args)}
+    print(json.dumps(report["init"]), flush=True)
+    student = Student(backbone, args.prototypes)
+    report["log"] = train(student, images, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.contiguous() for k, v in student.backbone.state_dict().items()}, args.out)
+    trained = Dinov2.build(Dinov2Config(name="toy", weights=str(args.out), device="cpu")).model  # as the demo loads it
+    report["trained"] = linear_probe(trained, data, args)
+    report["args"] = {k: str(v) for k, v in vars(args).items()}
+    print(json.dumps(report["trained"]), flush=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
