@@ -50,7 +50,7 @@ def measure(root: Path, backend: str, seed: int, images: int, trained: bool, voc
     overrides = [
         f"output_root={root}", "executor=local", "stages=[pseudolabel,quality_eval]",
         f"toy.train_images={images}", f"+pseudolabel.data.seed={seed}", f"pseudolabel.samples_per_shard={images}",
-        f"models.clip.dense={backend}", "+stage@quality_eval=eval", "quality_eval.num_report_samples=0",
+        f"pseudolabel.clip.dense={backend}", "+stage@quality_eval=eval", "quality_eval.num_report_samples=0",
         f"+quality_eval.data={{kind:toyworld,split:val,num_images:{images},size:128,seed:{seed}}}",
         "+quality_eval.protocol_overrides.short_side=128",
         f"quality_eval.methods=[{{name:maskclip,kind:maskclip,templates:maskclip85,clip:{clip}{variant}}}]",
@@ -59,7 +59,7 @@ def measure(root: Path, backend: str, seed: int, images: int, trained: bool, voc
         overrides += [f"pseudolabel.vocab={SYNONYMS}", f"quality_eval.vocab={SYNONYMS}",
                       "pseudolabel.name_variant=synonym"]
     if backend == "proxyclip":
-        overrides.append(f"+models.clip.proxy={proxy_value(proxy_weights)}")
+        overrides.append(f"+pseudolabel.clip.proxy={proxy_value(proxy_weights)}")
     if not trained:
         overrides += ["models.clip.pretrained=null", "models.sam.checkpoint=null"]
     run(compose("demo", overrides))
