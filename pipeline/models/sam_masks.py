@@ -131,17 +131,22 @@ def full_image_masks(sam: Sam, embeddings: SamImageEmbeddings, index: int, amg: 
 def _point_batch(sam: Sam, embedding: torch.Tensor, points: np.ndarray, input_size: tuple[int, int],
                  image_hw: tuple[int, int], amg: AmgConfig) -> tuple[torch.Tensor, ...]:
     """Steps 2-4 for one batch of float64 [B, 2] XY points: (masks, boxes, iou, stability, points) of the 3B
-    multimask outputs that pass the thresholds."""
+    multimask outputs that pass the thresholds, in prompt-major order (as segment_anything flattens them)."""
     from segment_anything.utils.amg import batched_mask_to_box, calculate_stability_score
+
+    from pipeline.models.sam_decoder import decode_tokens, mask_logits
 
     coords = torch.as_tensor(sam.transform.apply_coords(points, image_hw), device=sam.device)
     labels = torch.ones(coords.shape[0], dtype=torch.int, device=sam.device)
-    low_res, iou = sam.decode_low_res(embedding, coords[:, None, :], labels[:, None], True)
-    low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1)
-    xy = torch.as_tensor(points.repeat(3, axis=0), device=sam.device)
-    if amg.pred_iou_thresh > 0.0:  # exact before upsampling: the IoU head never sees the upsampled logits
-        keep = iou > amg.pred_iou_thresh
-        low_res, iou, xy = low_res[keep], iou[keep], xy[keep]
+    with autocast(sam.device, sam.cfg.precision):
+        tokens = decode_tokens(sam.model, embedding, coords[:, None, :], labels[:, None])
+    iou = tokens.iou[:, 1:].float()  # the 3 multimask outputs (segment_anything's mask_slice)
+    keep = iou > amg.pred_iou_thresh if amg.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
+    rows = keep.any(dim=1)  # exact before the mask head: the IoU head never sees the mask logits
+    with autocast(sam.device, sam.cfg.precision):
+        low_res = mask_logits(sam.model, tokens, rows)[:, 1:].float()[keep[rows]]
+    iou = iou[keep]
+    xy = torch.as_tensor(points.repeat(3, axis=0), device=sam.device)[keep.flatten()]
     logits = sam.upsample(low_res[:, None], input_size, image_hw)[:, 0]
     threshold = sam.model.mask_threshold
     stability = calculate_stability_score(logits, threshold, amg.stability_score_offset)
