@@ -1,5 +1,6 @@
-"""GPU switches of the SAM wrapper (`SamConfig.sdpa`, ``channels_last``, ``compile``, ``pin_memory``), applied once
-at build time; every one also runs on CPU, so CI covers the code.
+"""GPU switches of the SAM wrapper (`SamConfig.sdpa`, ``channels_last``, ``compile``, ``pin_memory``) and of the CLIP
+wrapper (`ClipConfig.compile`), applied once at build time; every one also runs on CPU, so CI covers the code.
+Reduced precision is the models' ``precision`` knob (`pipeline.models.precision`; CLIP: open_clip's bf16/fp16 weights).
 
 - ``sdpa``: the attention of the image encoder and of the mask decoder's two-way transformer through
   `torch.nn.functional.scaled_dot_product_attention` (fused kernels, on CPU too), with the encoder's decomposed
@@ -10,7 +11,11 @@ at build time; every one also runs on CPU, so CI covers the code.
 - ``compile``: `torch.compile` of the image encoder, the mask decoder, and the decoder's two-way transformer and
   upscaling (the halves `pipeline.models.sam_decoder` calls); first calls compile; shapes vary with the number of
   prompts, so ``dynamic=None`` lets torch recompile with dynamic shapes after the first change.
-- ``pin_memory``: host images are page-locked before their copy to a CUDA device (`host_to_device`).
+- ``pin_memory``: host images are page-locked before their copy to a CUDA device (`host_to_device`); the only switch
+  that cannot change a value, so the only one outside the fingerprint (`pipeline.fingerprint.RESOURCE_KEYS`).
+- CLIP ``compile``: `torch.compile` of each block of the image tower (what `pipeline.models.clip_dense` runs before its
+  dense last block). CLIP's attention needs no SDPA switch: ``nn.MultiheadAttention`` without weights already calls
+  ``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -73,3 +78,10 @@ def host_to_device(array: Any, device: torch.device, pin_memory: bool) -> torch.
     if pin_memory and device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def accelerate_clip(model: torch.nn.Module, compile_model: bool) -> None:
+    """Apply `ClipConfig.compile` to a built open_clip model in place (see the module docstring)."""
+    if compile_model:
+        for block in model.visual.transformer.resblocks:
+            block.forward = torch.compile(block.forward)
