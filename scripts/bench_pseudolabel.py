@@ -105,6 +105,7 @@ def build_stage(args: argparse.Namespace, images: Path, out_dir: str, vocab: str
     sam = {"model_type": args.sam, "device": args.device, "precision": args.precision, "encoder_batch_size": args.batch,
            "checkpoint": str(TOY_SAM) if toys else None}
     sam |= {key: True for key in ("sdpa", "channels_last", "compile") if getattr(args, key)}  # SamConfig switches
+    clip |= {"compile": True} if args.compile else {}
     amg: dict[str, Any] = {"points_per_side": args.points}
     config: dict[str, Any] = {"vocab": vocab or ("toy" if args.data == "toyworld" else "camvid_11"),
                               "data": {"kind": "folder", "root": str(images)}, "samples_per_shard": args.images,
@@ -274,7 +275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stride", type=int, default=None, help="window step (default: crop / 2)")
     parser.add_argument("--cross-image-batches", action="store_true", help="batch_invariant: false")
     for switch in ("sdpa", "channels-last", "compile"):
-        parser.add_argument(f"--{switch}", action="store_true", help=f"sam.{switch.replace('-', '_')}: true")
+        parser.add_argument(f"--{switch}", action="store_true", help=f"sam.{switch.replace('-', '_')}: true"
+                            + (" (and clip.compile)" if switch == "compile" else ""))
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best of each is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed stage runs first (0 for slow real-size runs)")
     parser.add_argument("--vocab-sizes", default="", help="e.g. 12,171,847: stage s/image per vocabulary size")

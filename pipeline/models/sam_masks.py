@@ -6,11 +6,12 @@ called on the stored embedding (`Sam.decode_low_res`), so the image encoder neve
 
 1. a regular grid of ``points_per_side``² points over the image (`build_all_layer_point_grids`, XY pixels), in
    batches of ``points_per_batch``;
-2. each point is one foreground prompt; the decoder gives 3 multimask logits at low resolution and their
-   predicted IoUs;
-3. keep predicted IoU > ``pred_iou_thresh`` (when > 0) **before** upsampling: the IoU head does not depend on the
-   upsampling, so only the survivors are upsampled to the original resolution (SAM's ``postprocess_masks``, per
-   mask); then stability score >= ``stability_score_thresh`` (when > 0; `calculate_stability_score` with
+2. each point is one foreground prompt; the decoder's transformer half gives the 3 multimask outputs' predicted
+   IoUs (`pipeline.models.sam_decoder.decode_tokens`);
+3. keep predicted IoU > ``pred_iou_thresh`` (when > 0) **before** any mask logit exists: the IoU head does not
+   depend on the mask head, so the mask head (`mask_logits`, low resolution) runs only on points with a surviving
+   output and only the survivors are upsampled to the original resolution (SAM's ``postprocess_masks``, per mask);
+   then stability score >= ``stability_score_thresh`` (when > 0; `calculate_stability_score` with
    ``stability_score_offset``);
 4. binarise at the model's mask threshold, XYXY boxes (`batched_mask_to_box`); the bool masks stay on the device;
 5. box NMS over all points at ``box_nms_thresh``, by predicted IoU (torchvision `batched_nms`; the kept masks come
