@@ -28,6 +28,10 @@ NON_RESULT_KEYS = frozenset({"resources", "inputs"})
 # Keys holding weight references (paths / URLs / tags): their content enters through the stage's identities
 # (a checksum or pinned tag), so moving a checkpoint or a checkout does not invalidate outputs.
 WEIGHT_REF_KEYS = frozenset({"pretrained", "checkpoint", "weights"})
+# Nested keys (at any depth) that move data faster but never change a value: ``pin_memory`` (page-locked host copies,
+# `pipeline.models.accel`). Switches that change float rounding (``sdpa``, ``compile``, ``channels_last``,
+# ``precision``) and call-size knobs (``*_batch_size``: CPU matmul kernels depend on the number of rows) stay in.
+RESOURCE_KEYS = frozenset({"pin_memory"})
 FINGERPRINT_LENGTH = 16
 
 
@@ -36,18 +40,19 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
 
 
-def without_weight_refs(value: Any) -> Any:
-    """`value` with every WEIGHT_REF_KEYS entry removed from nested mappings and lists."""
+def without_weight_refs(value: Any, keys: frozenset[str] = WEIGHT_REF_KEYS) -> Any:
+    """`value` with every entry named in `keys` (default WEIGHT_REF_KEYS) removed from nested mappings and lists."""
     if isinstance(value, Mapping):
-        return {k: without_weight_refs(v) for k, v in value.items() if k not in WEIGHT_REF_KEYS}
+        return {k: without_weight_refs(v, keys) for k, v in value.items() if k not in keys}
     if isinstance(value, list | tuple):
-        return [without_weight_refs(v) for v in value]
+        return [without_weight_refs(v, keys) for v in value]
     return value
 
 
 def result_config(node_config: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a node's resolved config that can change its output (weights enter via identities)."""
-    return without_weight_refs({key: value for key, value in node_config.items() if key not in NON_RESULT_KEYS})
+    top = {key: value for key, value in node_config.items() if key not in NON_RESULT_KEYS}
+    return without_weight_refs(top, WEIGHT_REF_KEYS | RESOURCE_KEYS)
 
 
 def describe(kind: str, code_version: str, node_config: Mapping[str, Any], upstream: Mapping[str, str],

@@ -105,6 +105,7 @@ def build_stage(args: argparse.Namespace, images: Path, out_dir: str, vocab: str
     sam = {"model_type": args.sam, "device": args.device, "precision": args.precision, "encoder_batch_size": args.batch,
            "checkpoint": str(TOY_SAM) if toys else None}
     sam |= {key: True for key in ("sdpa", "channels_last", "compile") if getattr(args, key)}  # SamConfig switches
+    clip |= {"compile": True} if args.compile else {}
     amg: dict[str, Any] = {"points_per_side": args.points}
     config: dict[str, Any] = {"vocab": vocab or ("toy" if args.data == "toyworld" else "camvid_11"),
                               "data": {"kind": "folder", "root": str(images)}, "samples_per_shard": args.images,
@@ -241,7 +242,8 @@ def vocabulary_cost(args: argparse.Namespace, images: Path, tmp: Path) -> dict[s
     result = {}
     for size in (int(v) for v in args.vocab_sizes.split(",") if v):
         stage = build_stage(args, images, str(tmp / f"vocab_{size}"), random_vocab(size, tmp))
-        this_stage(stage, args)  # warm-up
+        for _ in range(args.warmup):
+            this_stage(stage, args)
         result[str(size)] = min(this_stage(stage, args).wall for _ in range(args.repeats)) / args.images
         print(f"vocabulary M = {size:4d}: stage {result[str(size)]:.3f} s/image")
     return result
@@ -273,8 +275,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stride", type=int, default=None, help="window step (default: crop / 2)")
     parser.add_argument("--cross-image-batches", action="store_true", help="batch_invariant: false")
     for switch in ("sdpa", "channels-last", "compile"):
-        parser.add_argument(f"--{switch}", action="store_true", help=f"sam.{switch.replace('-', '_')}: true")
+        parser.add_argument(f"--{switch}", action="store_true", help=f"sam.{switch.replace('-', '_')}: true"
+                            + (" (and clip.compile)" if switch == "compile" else ""))
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best of each is reported")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed stage runs first (0 for slow real-size runs)")
     parser.add_argument("--vocab-sizes", default="", help="e.g. 12,171,847: stage s/image per vocabulary size")
     parser.add_argument("--profile", action="store_true", help="print a pyinstrument profile of one stage run")
     parser.add_argument("--threads", type=int, default=1,
@@ -297,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
         stage = build_stage(args, folder, str(tmp / "stage"))
         refs = stage.adapter.list_items()
         images = [stage.adapter.load(ref).image for ref in refs]
-        this_stage(stage, args)  # warm-up (allocator, lazy inits)
+        for _ in range(args.warmup):  # allocator, lazy inits, torch.compile
+            this_stage(stage, args)
         runs = {"a": lambda: bare_models(stage, images, args),
                 "b": lambda: per_image_loop(stage, refs, tmp / "loop", args),
                 "c": lambda: this_stage(stage, args)}

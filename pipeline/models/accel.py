@@ -1,13 +1,21 @@
-"""GPU switches of the SAM wrapper (`SamConfig.sdpa`, ``channels_last``, ``compile``, ``pin_memory``), applied once
-at build time; every one also runs on CPU, so CI covers the code.
+"""GPU switches of the SAM wrapper (`SamConfig.sdpa`, ``channels_last``, ``compile``, ``pin_memory``) and of the CLIP
+wrapper (`ClipConfig.compile`), applied once at build time; every one also runs on CPU, so CI covers the code.
+Reduced precision is the models' ``precision`` knob (`pipeline.models.precision`; CLIP: open_clip's bf16/fp16 weights).
 
-- ``sdpa``: the image encoder's attention through `torch.nn.functional.scaled_dot_product_attention`, with SAM's
-  decomposed relative-position terms passed as the additive mask (as segment-anything-fast does). Equal to SAM's
-  own attention up to float rounding (softmax and matmul order; max |difference| of the embeddings ~1e-6 fp32).
+- ``sdpa``: the attention of the image encoder and of the mask decoder's two-way transformer through
+  `torch.nn.functional.scaled_dot_product_attention` (fused kernels, on CPU too), with the encoder's decomposed
+  relative-position terms passed as the additive mask (as segment-anything-fast does). Equal to SAM's own attention
+  up to float rounding (softmax and matmul order; max |difference| ~1e-6 in the embeddings, ~2e-7 in the decoder's
+  logits and IoUs, fp32), so masks are no longer bit-equal to ``SamAutomaticMaskGenerator``'s.
 - ``channels_last``: the encoder's convolutions (patch embedding, neck) in channels-last memory format.
-- ``compile``: `torch.compile` of the image encoder and the mask decoder (first calls compile; shapes vary with the
-  number of prompts, so ``dynamic=None`` lets torch recompile with dynamic shapes after the first change).
-- ``pin_memory``: host images are page-locked before their copy to a CUDA device (`host_to_device`).
+- ``compile``: `torch.compile` of the image encoder, the mask decoder, and the decoder's two-way transformer and
+  upscaling (the halves `pipeline.models.sam_decoder` calls); first calls compile; shapes vary with the number of
+  prompts, so ``dynamic=None`` lets torch recompile with dynamic shapes after the first change.
+- ``pin_memory``: host images are page-locked before their copy to a CUDA device (`host_to_device`); the only switch
+  that cannot change a value, so the only one outside the fingerprint (`pipeline.fingerprint.RESOURCE_KEYS`).
+- CLIP ``compile``: `torch.compile` of each block of the image tower (what `pipeline.models.clip_dense` runs before its
+  dense last block). CLIP's attention needs no SDPA switch: ``nn.MultiheadAttention`` without weights already calls
+  ``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -36,19 +44,32 @@ def sdpa_attention_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return self.proj(out)
 
 
+def sdpa_decoder_attention_forward(self: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """segment_anything ``transformer.Attention.forward`` with SDPA: q [B, Nq, C], k and v [B, Nk, C] -> [B, Nq, C]."""
+    heads = [self._separate_heads(proj(x), self.num_heads) for proj, x in ((self.q_proj, q), (self.k_proj, k),
+                                                                          (self.v_proj, v))]
+    return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(*heads)))
+
+
 def accelerate_sam(model: torch.nn.Module, sdpa: bool, channels_last: bool, compile_model: bool) -> None:
     """Apply the switches to a built segment_anything ``Sam`` in place (see the module docstring)."""
     from segment_anything.modeling.image_encoder import Attention
+    from segment_anything.modeling.transformer import Attention as DecoderAttention
 
     if sdpa:
         for module in model.image_encoder.modules():
             if isinstance(module, Attention):
                 module.forward = types.MethodType(sdpa_attention_forward, module)
+        for module in model.mask_decoder.modules():
+            if isinstance(module, DecoderAttention):
+                module.forward = types.MethodType(sdpa_decoder_attention_forward, module)
     if channels_last:
         model.image_encoder.to(memory_format=torch.channels_last)
     if compile_model:
         model.image_encoder.forward = torch.compile(model.image_encoder.forward)
-        model.mask_decoder.forward = torch.compile(model.mask_decoder.forward)
+        decoder = model.mask_decoder
+        for module in (decoder, decoder.transformer, decoder.output_upscaling):
+            module.forward = torch.compile(module.forward)
 
 
 def host_to_device(array: Any, device: torch.device, pin_memory: bool) -> torch.Tensor:
@@ -57,3 +78,10 @@ def host_to_device(array: Any, device: torch.device, pin_memory: bool) -> torch.
     if pin_memory and device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def accelerate_clip(model: torch.nn.Module, compile_model: bool) -> None:
+    """Apply `ClipConfig.compile` to a built open_clip model in place (see the module docstring)."""
+    if compile_model:
+        for block in model.visual.transformer.resblocks:
+            block.forward = torch.compile(block.forward)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from pipeline.config import resolve_device
 from pipeline.models import clip_dense, sliding
+from pipeline.models.accel import accelerate_clip
 from pipeline.models.checkpoints import (
     is_hub_tag,
     load_checked,
@@ -105,6 +106,7 @@ class Clip:
             )
         if local is not None:
             load_checked(model, local, arch=f"open_clip {cfg.model_name}", source="clip.pretrained")
+        accelerate_clip(model, cfg.compile)
         proxy = None
         if cfg.dense == "proxyclip":
             from pipeline.models.dinov2 import Dinov2

@@ -38,6 +38,9 @@ class ClipConfig:
         text_batch_size: prompts per text-encoder call (does not change results).
         image_batch_size: crops per image-encoder call in `Clip.sliding_features`, crops of several images sharing
             calls (does not change results).
+        compile: `torch.compile` the image tower's transformer blocks (`pipeline.models.accel.accelerate_clip`; slow
+            first calls, on CPU too; float rounding may move). Attention already runs through SDPA: open_clip calls
+            ``nn.MultiheadAttention`` without weights, which torch routes to ``scaled_dot_product_attention``.
     """
 
     model_name: str = "ViT-B-16"
@@ -54,6 +57,7 @@ class ClipConfig:
     proxy_gamma: float = 3.0
     text_batch_size: int = 256
     image_batch_size: int = 32
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.dense == "proxyclip" and self.proxy is None:
@@ -77,11 +81,13 @@ class SamConfig:
             images (moves embeddings by float noise with batch composition; see `Sam.embed_images`).
         prompt_batch_size: prompt sets per mask-decoder call in `Sam.decode_points` (does not change results;
             memory grows as sets x K x H x W float32 for the upsampled masks).
-        sdpa: image-encoder attention through PyTorch's scaled_dot_product_attention (fused kernels on GPU; equal
-            to SAM's own attention up to float rounding); see `pipeline.models.accel`.
+        sdpa: image-encoder and mask-decoder attention through PyTorch's scaled_dot_product_attention (fused kernels,
+            CPU too; equal to SAM's own attention up to float rounding); see `pipeline.models.accel`.
         channels_last: the encoder's convolutions in channels-last memory format.
         compile: `torch.compile` the image encoder and mask decoder (slow first calls; on CPU too).
-        pin_memory: page-locked host images for asynchronous copies to a CUDA device (no-op on CPU).
+        pin_memory: page-locked host images for asynchronous copies to a CUDA device (no-op on CPU); changes no
+            value, so it is outside the fingerprint (`pipeline.fingerprint.RESOURCE_KEYS`); every other knob here is
+            in it, float rounding included.
     """
 
     model_type: Literal["vit_h", "vit_l", "vit_b", "toy"] = "vit_b"

@@ -6,11 +6,12 @@ called on the stored embedding (`Sam.decode_low_res`), so the image encoder neve
 
 1. a regular grid of ``points_per_side``² points over the image (`build_all_layer_point_grids`, XY pixels), in
    batches of ``points_per_batch``;
-2. each point is one foreground prompt; the decoder gives 3 multimask logits at low resolution and their
-   predicted IoUs;
-3. keep predicted IoU > ``pred_iou_thresh`` (when > 0) **before** upsampling: the IoU head does not depend on the
-   upsampling, so only the survivors are upsampled to the original resolution (SAM's ``postprocess_masks``, per
-   mask); then stability score >= ``stability_score_thresh`` (when > 0; `calculate_stability_score` with
+2. each point is one foreground prompt; the decoder's transformer half gives the 3 multimask outputs' predicted
+   IoUs (`pipeline.models.sam_decoder.decode_tokens`);
+3. keep predicted IoU > ``pred_iou_thresh`` (when > 0) **before** any mask logit exists: the IoU head does not
+   depend on the mask head, so the mask head (`mask_logits`, low resolution) runs only on points with a surviving
+   output and only the survivors are upsampled to the original resolution (SAM's ``postprocess_masks``, per mask);
+   then stability score >= ``stability_score_thresh`` (when > 0; `calculate_stability_score` with
    ``stability_score_offset``);
 4. binarise at the model's mask threshold, XYXY boxes (`batched_mask_to_box`); the bool masks stay on the device;
 5. box NMS over all points at ``box_nms_thresh``, by predicted IoU (torchvision `batched_nms`; the kept masks come
@@ -131,17 +132,22 @@ def full_image_masks(sam: Sam, embeddings: SamImageEmbeddings, index: int, amg: 
 def _point_batch(sam: Sam, embedding: torch.Tensor, points: np.ndarray, input_size: tuple[int, int],
                  image_hw: tuple[int, int], amg: AmgConfig) -> tuple[torch.Tensor, ...]:
     """Steps 2-4 for one batch of float64 [B, 2] XY points: (masks, boxes, iou, stability, points) of the 3B
-    multimask outputs that pass the thresholds."""
+    multimask outputs that pass the thresholds, in prompt-major order (as segment_anything flattens them)."""
     from segment_anything.utils.amg import batched_mask_to_box, calculate_stability_score
+
+    from pipeline.models.sam_decoder import decode_tokens, mask_logits
 
     coords = torch.as_tensor(sam.transform.apply_coords(points, image_hw), device=sam.device)
     labels = torch.ones(coords.shape[0], dtype=torch.int, device=sam.device)
-    low_res, iou = sam.decode_low_res(embedding, coords[:, None, :], labels[:, None], True)
-    low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1)
-    xy = torch.as_tensor(points.repeat(3, axis=0), device=sam.device)
-    if amg.pred_iou_thresh > 0.0:  # exact before upsampling: the IoU head never sees the upsampled logits
-        keep = iou > amg.pred_iou_thresh
-        low_res, iou, xy = low_res[keep], iou[keep], xy[keep]
+    with autocast(sam.device, sam.cfg.precision):
+        tokens = decode_tokens(sam.model, embedding, coords[:, None, :], labels[:, None])
+    iou = tokens.iou[:, 1:].float()  # the 3 multimask outputs (segment_anything's mask_slice)
+    keep = iou > amg.pred_iou_thresh if amg.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
+    rows = keep.any(dim=1)  # exact before the mask head: the IoU head never sees the mask logits
+    with autocast(sam.device, sam.cfg.precision):
+        low_res = mask_logits(sam.model, tokens, rows)[:, 1:].float()[keep[rows]]
+    iou = iou[keep]
+    xy = torch.as_tensor(points.repeat(3, axis=0), device=sam.device)[keep.flatten()]
     logits = sam.upsample(low_res[:, None], input_size, image_hw)[:, 0]
     threshold = sam.model.mask_threshold
     stability = calculate_stability_score(logits, threshold, amg.stability_score_offset)

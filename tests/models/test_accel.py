@@ -90,3 +90,23 @@ def test_compiled_decoder_gives_the_same_masks(reference: tuple) -> None:
     compiled_records, compiled_masks = automatic_masks_with_arrays(compiled, images[0], AMG, embeddings)
     assert len(compiled_records) == len(records) > 3
     assert np.mean([iou(a, b) for a, b in zip(masks, compiled_masks, strict=True)]) > 0.99
+
+
+def test_compiled_clip_gives_the_same_sliding_features() -> None:
+    """clip.compile: each image-tower block runs through torch.compile (inductor on CPU); features and crop CLS equal
+    the eager model's up to float rounding."""
+    pytest.importorskip("torch._inductor")
+    from pipeline.models.clip import Clip
+    from pipeline.models.configs import ClipConfig
+
+    eager, compiled = (Clip.build(ClipConfig(model_name="toy-vit", device="cpu", compile=on)) for on in (False, True))
+
+    def compiled_blocks(clip: Clip) -> list[bool]:
+        blocks = clip.model.visual.transformer.resblocks
+        return [hasattr(block.forward, "_torchdynamo_orig_callable") for block in blocks]
+
+    assert all(compiled_blocks(compiled)) and not any(compiled_blocks(eager))
+    image = scene(2)
+    ours, reference = (clip.sliding_dense(image, 64, 32) for clip in (compiled, eager))
+    assert torch.allclose(ours.features, reference.features, atol=1e-4)
+    assert torch.allclose(ours.crop_cls, reference.crop_cls, atol=1e-4)

@@ -121,6 +121,25 @@ def test_stage_yaml_mirrors_the_config_fields() -> None:
         assert values[name] == pytest.approx(expected), name  # every model knob listed, defaults unchanged
 
 
+def test_pin_memory_is_a_resource_but_switches_that_change_rounding_enter_the_fingerprint() -> None:
+    """sam.pin_memory only page-locks a copy (no value changes): outside the fingerprint. sdpa/compile/precision and
+    the call-size knobs change float rounding, so they stay in (pipeline.fingerprint.RESOURCE_KEYS)."""
+    from pipeline.fingerprint import stage_fingerprint
+
+    values = yaml.safe_load((REPO / "conf" / "stage" / "pseudolabel.yaml").read_text())
+
+    def fingerprint(section: str, **changes: object) -> str:
+        config = {**values, section: {**values[section], **changes}}
+        return stage_fingerprint("pseudolabel", "1", config, {}, {"sam": "random-init"})
+
+    base = fingerprint("sam")
+    assert fingerprint("sam", pin_memory=not values["sam"]["pin_memory"]) == base
+    for section, key, value in (("sam", "sdpa", True), ("sam", "compile", True), ("sam", "precision", "bf16"),
+                                ("sam", "prompt_batch_size", 3), ("clip", "compile", True),
+                                ("clip", "image_batch_size", 5)):
+        assert fingerprint(section, **{key: value}) != base, key
+
+
 # ------------------------------------------------------------------------------------------ the stage
 
 def test_crop_off_the_patch_grid_fails_at_setup_naming_the_keys(tmp_path: Path) -> None:
