@@ -8,14 +8,21 @@ it runs.
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import tempfile
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
 from pipeline.threads import pinned_torch_threads
 from pipeline.train.configs import ScalingKnobs
+
+log = logging.getLogger(__name__)
+PORT_RACE_RETRIES = 3  # worker-group starts retried after a process-group port race (see `retry_port_races`)
 
 
 class TrainJob(Protocol):
@@ -75,12 +82,36 @@ def fit(job: TrainJob, scaling: ScalingKnobs, name: str) -> None:
     check_placement(node, "the Ray Train worker group", per_worker, scaling.num_workers,
                     f"{node}.resources.num_workers / cpus_per_worker / use_gpu / custom_resources", all_at_once=True)
     storage = os.environ.get("SEGETL_RAY_TRAIN_STORAGE") or tempfile.mkdtemp(prefix="segetl-train-")
-    trainer = TorchTrainer(
-        _ray_worker_entry,
-        train_loop_config={"job": job, "torch_threads": scaling.torch_threads},
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker={"CPU": scaling.cpus_per_worker,
-                                                           **scaling.custom_resources}),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(scaling.max_failures)),
-    )
-    trainer.fit()
+
+    def start(attempt: int) -> None:  # a fresh Ray Train run name per attempt
+        TorchTrainer(
+            _ray_worker_entry,
+            train_loop_config={"job": job, "torch_threads": scaling.torch_threads},
+            scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                         resources_per_worker={"CPU": scaling.cpus_per_worker,
+                                                               **scaling.custom_resources}),
+            run_config=RunConfig(name=f"{name}-{attempt}" if attempt else name, storage_path=storage,
+                                 failure_config=FailureConfig(scaling.max_failures)),
+        ).fit()
+
+    retry_port_races(start, node)
+
+
+def retry_port_races(start: Callable[[int], None], node: str, retries: int = PORT_RACE_RETRIES) -> None:
+    """Call `start(attempt)`; when it fails because torch's process-group store lost a port race, wait a moment and call
+    it again (up to `retries` times; the job resumes from its own newest checkpoint).
+
+    Ray Train picks the rendezvous port by binding port 0 and releasing it; two worker groups starting at once on
+    one machine (concurrent DAG nodes) can pick the same port, and the loser fails with EADDRINUSE, which Ray
+    Train counts as a non-retryable controller error. Any other failure is raised at once.
+    """
+    for attempt in range(retries + 1):
+        try:
+            start(attempt)
+            return
+        except Exception as error:  # noqa: BLE001 - Ray wraps the cause; it is recognised by its text
+            if attempt == retries or "EADDRINUSE" not in str(error) and "address already in use" not in str(error):
+                raise
+            log.warning("%s: the trainer's process group lost a port race (address already in use); starting the "
+                        "worker group again (%d of %d)", node, attempt + 1, retries)
+            time.sleep(1.0 + random.random())
