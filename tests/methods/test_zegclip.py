@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,14 +21,6 @@ TINY_CLIP = {  # real open_clip architecture, tiny sizes: 32 px, patch 8 -> 4x4 
 }
 TINY_CFG = {"num_prompts": 3, "decoder_heads": 4, "decoder_ffn_dim": 64}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on shared CPUs (20x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ loss, pair sampling and resumable batches, the λ ensemble, mask averaging and p
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -20,14 +19,6 @@ from pipeline.models.configs import ClipConfig
 
 NAMES = ["dog", "traffic light", "sky"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
