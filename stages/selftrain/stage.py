@@ -167,6 +167,10 @@ class SelfTrainStage(Stage):
         return {"vocab": self.vocab.digest()}
 
     def plan(self) -> list[ShardPlan]:
+        method = self.context.upstream["model"].manifest.get("config", {}).get("method")
+        if self.cfg.knn and method != "ifseg":  # other models ignore K-NN; the engine would then skip their softmax
+            raise ConfigError(f"{self.context.node}.knn=true: IFSeg's K-NN post-processing needs an ifseg model, but "
+                              f"port model is a {method!r} model; set {self.context.node}.knn=false")
         refs = checked_adapter(self.cfg.data, self.vocab, self.context.node).list_items()
         if not refs:
             raise ConfigError(f"{self.context.node}.data lists no images; check data.root / data.split")

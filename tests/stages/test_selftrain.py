@@ -288,3 +288,14 @@ def test_class_regions_scores_areas_and_boxes_on_a_hand_made_map():
     assert [(r["category_id"], r["area"], r["bbox"]) for r in regions] == [(1, 3, [0, 0, 3, 2]), (2, 1, [1, 1, 1, 1])]
     assert regions[0]["score"] == pytest.approx((0.10 + 0.50 + 0.10) / 3, abs=1e-6)
     assert regions[1]["score"] == pytest.approx(0.20, abs=1e-6)
+
+
+def test_knn_needs_an_ifseg_model_and_is_refused_before_any_work_otherwise():
+    def stage(method: str) -> SelfTrainStage:
+        built = make_stage(knn=True)
+        built.context.upstream["model"].manifest["config"] = {"method": method}
+        return built
+
+    with pytest.raises(ConfigError, match=r"selftrain.knn=true: .* port model is a 'zegclip' model"):
+        stage("zegclip").plan()
+    assert len(stage("ifseg").plan()) == 1  # 2 toy images, one shard
