@@ -117,14 +117,28 @@ def _has_title(pid: int, title: bytes) -> bool:
         return False
 
 
-def node_running(cluster, title: bytes) -> object | None:
+def node_running(cluster, title: bytes) -> tuple[object, int] | None:
     """The worker node one of whose worker processes runs `title` now, e.g. b"ray::_ShardActor.run" (Ray titles
-    a worker process by the task it executes; a node's workers are children of its raylet), else None."""
+    a worker process by the task it executes; a node's workers are children of its raylet), and that process's
+    pid; else None."""
     raylets = {node.all_processes["raylet"][0].process.pid: node for node in cluster.worker_nodes}
     for pid, parent in _process_parents().items():
         if parent in raylets and _has_title(pid, title):
-            return raylets[parent]
+            return raylets[parent], pid
     return None
+
+
+def lose_node_running_a_shard(cluster, lost: Path, run_future: Future) -> object:
+    """Once a pseudolabel shard has committed, lose the node where a pool actor runs a shard now, the way a machine
+    is lost: its shard's process dies at once (SIGKILL), then the node (a removed raylet alone lets the worker
+    finish and return its shard to the driver, which then redispatches nothing)."""
+    while (found := node_running(cluster, b"ray::_ShardActor.run") if markers(lost, "pseudolabel") else None) is None:
+        assert not run_future.done(), f"the run ended before a node could be removed: {run_future.result()}"
+        time.sleep(0.05)
+    node, pid = found
+    os.kill(pid, signal.SIGKILL)
+    cluster.remove_node(node, allow_graceful=False)
+    return node
 
 
 def same_outputs(a: Path, b: Path, node: str) -> None:
@@ -218,8 +232,7 @@ def test_model_stage_loses_a_worker_node_while_a_cpu_stage_runs_concurrently(clu
     run(local(clean, *both))  # sequential: executor=local runs one node at a time
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(main, on_cluster(cluster, lost, *both))
-        busy = lambda: node_running(cluster, b"ray::_ShardActor.run") if markers(lost, "pseudolabel") else None  # noqa: E731
-        removed = remove_worker_when(cluster, busy, future)  # a node with a shard in flight on a pool actor
+        removed = lose_node_running_a_shard(cluster, lost, future)
         at_removal = len(markers(lost, "pseudolabel"))
         assert future.result(timeout=600) == 0
     assert at_removal < 8, "the node must be lost mid-stage"
