@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from pipeline.data.listing import TIME_KEYS
 from pipeline.data.records import InputIdentity, ItemRef, ref_identity
 from pipeline.fingerprint import digest
-from pipeline.shards import MANIFEST_NAME, ShardDone, join, read_done, reuse_shard, write_atomic
+from pipeline.shards import MANIFEST_NAME, ShardDone, join, read_dones, reuse_shard, write_atomic
 from pipeline.stage import ShardPlan
 
 log = logging.getLogger(__name__)
@@ -101,15 +101,15 @@ def reuse_shards(fs: fsspec.AbstractFileSystem, source: Mapping[str, Any] | None
     if source is None:
         return {}
     by_digest = {entry["items"]: entry for entry in source.get("shards", []) if entry.get("items")}
+    wanted = {plan.index: int(by_digest[digests[plan.index]]["name"].split(".")[0])
+              for plan in plans if digests[plan.index] in by_digest}
+    markers = read_dones(fs, source["_path"], wanted.values(), source["fingerprint"])
     reused: dict[int, ShardDone] = {}
-    for plan in plans:
-        entry = by_digest.get(digests[plan.index])
-        if entry is None:
-            continue
-        marker = read_done(fs, source["_path"], int(entry["name"].split(".")[0]), source["fingerprint"])
+    for index, source_index in wanted.items():
+        marker = markers.get(source_index)
         if marker is None or (retry_failed and marker.failed):
             continue
-        reused[plan.index] = reuse_shard(fs, source["_path"], marker, out_path, plan.index, fingerprint)
+        reused[index] = reuse_shard(fs, source["_path"], marker, out_path, index, fingerprint)
     if reused:
         log.info("reused %d shard(s) of unchanged items from %s", len(reused), source["_path"])
     return reused

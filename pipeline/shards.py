@@ -232,13 +232,11 @@ def read_done(fs: fsspec.AbstractFileSystem, stage_dir: str, index: int, fingerp
     """The shard's done-marker when it is valid for `fingerprint` and its tar is intact in size, else None."""
     name = shard_name(index)
     try:
-        done = ShardDone(**json.loads(fs.cat_file(join(stage_dir, f"{name}.done.json"))))
+        data = fs.cat_file(join(stage_dir, f"{name}.done.json"))
         tar_size = fs.size(join(stage_dir, f"{name}.tar"))
-    except (FileNotFoundError, json.JSONDecodeError, TypeError, ValueError):
+    except FileNotFoundError:
         return None
-    if done.fingerprint != fingerprint or tar_size != done.bytes:
-        return None
-    return done
+    return _valid_done(data, fingerprint, tar_size)
 
 
 def read_dones(fs: fsspec.AbstractFileSystem, stage_dir: str, indices: Iterable[int],
@@ -260,14 +258,19 @@ def read_dones(fs: fsspec.AbstractFileSystem, stage_dir: str, indices: Iterable[
                if f"{name}.done.json" in sizes and f"{name}.tar" in sizes]
     found: dict[int, ShardDone] = {}
     for path, data in (fs.cat(markers, on_error="omit") if markers else {}).items():
-        try:
-            done = ShardDone(**json.loads(data))
-        except (json.JSONDecodeError, TypeError, ValueError):
-            continue
         name = path.rsplit("/", 1)[-1].removesuffix(".done.json")
-        if name in names and done.fingerprint == fingerprint and sizes[f"{name}.tar"] == done.bytes:
+        if name in names and (done := _valid_done(data, fingerprint, sizes[f"{name}.tar"])) is not None:
             found[names[name]] = done
     return found
+
+
+def _valid_done(data: bytes, fingerprint: str, tar_size: int | None) -> ShardDone | None:
+    """The done-marker in `data` when it parses, names `fingerprint` and its tar has the recorded size."""
+    try:
+        done = ShardDone(**json.loads(data))
+    except (json.JSONDecodeError, TypeError, ValueError):
+        return None
+    return done if done.fingerprint == fingerprint and tar_size == done.bytes else None
 
 
 def write_stage_index(
