@@ -54,15 +54,14 @@ class LocalExecutor:
             on_done: OnDone) -> None:
         node_run = current(context.node)
         node_run.begin(len(plans))
-        with pinned_torch_threads(resources.torch_threads):
-            stage = stage_cls(context)
-            stage.setup()
-            driver = here()
-            for plan in plans:
-                node_run.check_abort()
-                done = run_shard(stage, plan, resources.batch_size)
-                on_done(done)
-                node_run.shard_done(done, driver)
+        stage = stage_cls(context)  # in the driver: `pipeline.run.run_node` pinned resources.torch_threads
+        stage.setup()
+        driver = here()
+        for plan in plans:
+            node_run.check_abort()
+            done = run_shard(stage, plan, resources.batch_size)
+            on_done(done)
+            node_run.shard_done(done, driver)
 
 
 class RayExecutor:

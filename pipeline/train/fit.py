@@ -66,9 +66,8 @@ def _ray_worker_entry(config: dict[str, Any]) -> None:
 
 def fit(job: TrainJob, scaling: ScalingKnobs, name: str) -> None:
     """Run `job.run_worker()` on Ray Train workers (backend "ray") or in this process (backend "local")."""
-    if scaling.backend == "local":
-        with pinned_torch_threads(scaling.torch_threads):
-            job.run_worker()
+    if scaling.backend == "local":  # in the driver: `pipeline.run.run_node` pinned resources.torch_threads
+        job.run_worker()
         return
     if scaling.backend != "ray":
         raise ValueError(f"train backend {scaling.backend!r}: choose ray or local")
