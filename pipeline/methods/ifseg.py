@@ -158,11 +158,9 @@ class IFSegDecoder(nn.Module):
         self.in_proj = nn.Linear(embed_dim, width)
         self.pos_embed = nn.Parameter(torch.randn(1, width, pos_grid, pos_grid) * width**-0.5)
         self.embed_drop = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(
-            TransformerBlock(width, heads, mlp_ratio, dropout, attn_dropout, rate)
-            for rate in drop_path_rates(drop_path, depth)
-        )
         rates = drop_path_rates(drop_path, depth)
+        self.layers = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, dropout, attn_dropout, rate)
+                                    for rate in rates)
         self.word_attn = nn.ModuleList(WordCrossAttention(width, heads, dropout, attn_dropout, rate)
                                        for rate in rates) if word_cross_attention else None
         self.word_norm = nn.LayerNorm(width) if word_cross_attention else None

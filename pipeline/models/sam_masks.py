@@ -2,7 +2,7 @@
 
 For the full-image crop (``amg.crop_n_layers == 0``, the default) the loop of segment_anything's
 ``SamAutomaticMaskGenerator`` is written out here in batched torch on the model's device, with the mask decoder
-called on the stored embedding (`Sam.decode_low_res`), so the image encoder never runs twice:
+called in two halves on the stored embedding (`pipeline.models.sam_decoder`), so the image encoder never runs twice:
 
 1. a regular grid of ``points_per_side``² points over the image (`build_all_layer_point_grids`, XY pixels), in
    batches of ``points_per_batch``;
