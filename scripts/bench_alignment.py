@@ -31,9 +31,9 @@ def methods() -> str:
     return "[" + ",".join(baselines + ["{name:align,kind:trained,input:align,knn:false}"]) + "]"
 
 
-def measure(root: Path, seed: int, dinov2: str) -> dict:
-    """One reduced demo run; returns {method: mIoU/pAcc/mIoU(S)/mIoU(U)} (percent)."""
-    overrides = [f"output_root={root}", "executor=local", "stages=[pseudolabel,train_align,eval]",
+def measure(root: Path, seed: int, dinov2: str, extra: list[str]) -> dict:
+    """One reduced demo run (plus the `extra` overrides); returns {method: mIoU/pAcc/mIoU(S)/mIoU(U)} (percent)."""
+    overrides = [*extra, f"output_root={root}", "executor=local", "stages=[pseudolabel,train_align,eval]",
                  f"+pseudolabel.data.seed={seed}", f"+eval.data.seed={seed}",
                  "~eval.inputs", "+eval.inputs={align:train_align}",
                  f"eval.methods={methods()}", "eval.num_report_samples=0", f"models.dinov2.weights={dinov2}"]
@@ -47,15 +47,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--dinov2", default=str(TOY_DINOV2), help="trained toy DINOv2 weights")
+    parser.add_argument("--override", action="append", default=[],
+                        help="extra Hydra override for every run, e.g. +train_align.align.loss=text_ce (repeatable)")
+    parser.add_argument("--trained-only", action="store_true", help="skip the random-init DINOv2 runs")
     args = parser.parse_args()
+    variants = (("trained_dinov2", args.dinov2),) + (() if args.trained_only else (("random_dinov2", "null"),))
     rows = {}
     for seed in args.seeds:
-        for label, weights in (("trained_dinov2", args.dinov2), ("random_dinov2", "null")):
-            rows[f"seed{seed}/{label}"] = measure(args.out / f"seed{seed}", seed, weights)
+        for label, weights in variants:
+            rows[f"seed{seed}/{label}"] = measure(args.out / f"seed{seed}", seed, weights, args.override)
             print(json.dumps({f"seed{seed}/{label}": rows[f"seed{seed}/{label}"]}), flush=True)
     mean = {label: {name: {k: sum(rows[f"seed{s}/{label}"][name][k] for s in args.seeds) / len(args.seeds)
                            for k in ("mIoU", "pAcc")} for name in rows[f"seed{args.seeds[0]}/{label}"]}
-            for label in ("trained_dinov2", "random_dinov2")}
+            for label, _ in variants}
     print(json.dumps({"seeds": args.seeds, "mean": mean}))
 
 

@@ -142,7 +142,7 @@ class AlignMethod:
         return torch.optim.SGD(self.param_groups(model), momentum=self.cfg.momentum)
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, float]]:
-        """TSupCon over all labelled patches of the batch.
+        """TSupCon (or, with ``loss: text_ce``, prototype cross-entropy) over all labelled patches of the batch.
 
         Args:
             model: the alignment module (possibly wrapped; only called).
@@ -157,9 +157,11 @@ class AlignMethod:
         valid = labels != self.cfg.ignore_index
         z, labels = z[valid], labels[valid]
         prototypes = self.text_embeddings.to(z.device)
-        loss = tsupcon_loss(
-            z, labels, prototypes, self.cfg.temperature, self.cfg.include_self_positive, self.cfg.count_absent_classes
-        )
+        if self.cfg.loss == "text_ce":
+            loss = F.cross_entropy(z @ prototypes.T / self.cfg.temperature, labels) if len(labels) else z.sum() * 0.0
+        else:
+            loss = tsupcon_loss(z, labels, prototypes, self.cfg.temperature, self.cfg.include_self_positive,
+                                self.cfg.count_absent_classes)
         with torch.no_grad():
             accuracy = (z @ prototypes.T).argmax(dim=1).eq(labels).float().mean().item() if len(labels) else 0.0
         return loss, {"loss": loss.item(), "patch_acc": accuracy, "valid_patches": float(len(labels))}

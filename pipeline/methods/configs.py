@@ -72,7 +72,11 @@ class AlignConfig:
 
     Attributes:
         head, heads, mlp_ratio, dropout: see AlignmentModule.
-        temperature, include_self_positive: see tsupcon_loss.
+        loss: "tsupcon" (the paper, Eq. 1-4) or "text_ce", a variant that is not the paper: cross-entropy of each
+            labelled patch's prototype similarities / temperature, i.e. ℓ_t without the other patches in its
+            denominator and without ℓ_im (README, alignment section: on the toy world it learns where TSupCon's
+            patch-patch terms drown the 12 near-parallel toy prototypes).
+        temperature, include_self_positive: see tsupcon_loss (temperature also divides text_ce's logits).
         count_absent_classes: Eq. 1's normaliser K counts every text feature (default, the paper) or, false,
             only the classes present in the batch (see tsupcon_loss).
         ignore_index: unlabeled patch id in `patch_labels`.
@@ -89,6 +93,7 @@ class AlignConfig:
     heads: int = 16
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    loss: Literal["tsupcon", "text_ce"] = "tsupcon"
     temperature: float = 1.0
     include_self_positive: bool = True
     count_absent_classes: bool = True

@@ -200,3 +200,21 @@ def test_align_training_separates_classes() -> None:
         optimizer.step()
     assert loss.item() < first.item()
     assert logs["patch_acc"] > 0.95
+
+
+def test_text_ce_variant_is_cross_entropy_over_prototypes_only() -> None:
+    """``loss: text_ce``: -log softmax_k(z·t_k / τ)[y], mean over labelled patches; other patches play no part."""
+    text = torch.eye(2)
+    method = AlignMethod(AlignConfig(head="linear", loss="text_ce", temperature=0.5), text, in_dim=2)
+    model = method.build_model()
+    with torch.no_grad():  # identity map: z = normalised feature
+        model.proj.weight.copy_(torch.eye(2))
+        model.proj.bias.zero_()
+    features = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]).T.reshape(1, 2, 1, 3)
+    labels = torch.tensor([[[0, 0, 255]]])
+    loss, _ = method.loss(model, {"features": features, "patch_labels": labels})
+    # patch 0: z = (1, 0), logits (2, 0); patch 1: z = (0.6, 0.8), logits (1.2, 1.6); both labelled 0
+    expected = (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(0.4))) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert loss.item() != pytest.approx(AlignMethod(AlignConfig(head="linear"), text, 2).loss(
+        model, {"features": features, "patch_labels": labels})[0].item(), abs=1e-3)
