@@ -20,7 +20,8 @@ random weights, with permissive thresholds so SAM's post-processing sees many ma
 adds the stage's seconds per image for random vocabularies of those sizes; ``--profile`` prints a pyinstrument
 profile of one stage run. The last line printed is one JSON object (``bare_img_s``, ``loop_img_s``,
 ``stage_img_s``, ``efficiency`` = stage/bare, ``speedup`` = stage/loop, ``device``, ``clip``, ``sam``, ``images``,
-``precision``, ``s_per_image_by_vocab``).
+``precision``, ``s_per_image_by_vocab``). ``--exact-decoder`` runs the stage with ``sam.shared_image_decoder:
+false`` (segment_anything's decoder transformer, as (a) and (b) use).
 
     python scripts/bench_pseudolabel.py [--images 8] [--repeats 2] [--vocab-sizes 12,171,847] [--profile]
     python scripts/bench_pseudolabel.py --clip ViT-B-16 --sam vit_b --short-side 448 --device cuda --precision bf16
@@ -105,6 +106,7 @@ def build_stage(args: argparse.Namespace, images: Path, out_dir: str, vocab: str
     sam = {"model_type": args.sam, "device": args.device, "precision": args.precision, "encoder_batch_size": args.batch,
            "checkpoint": str(TOY_SAM) if toys else None}
     sam |= {key: True for key in ("sdpa", "channels_last", "compile") if getattr(args, key)}  # SamConfig switches
+    sam |= {"shared_image_decoder": False} if args.exact_decoder else {}
     clip |= {"compile": True} if args.compile else {}
     amg: dict[str, Any] = {"points_per_side": args.points}
     config: dict[str, Any] = {"vocab": vocab or ("toy" if args.data == "toyworld" else "camvid_11"),
@@ -277,6 +279,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for switch in ("sdpa", "channels-last", "compile"):
         parser.add_argument(f"--{switch}", action="store_true", help=f"sam.{switch.replace('-', '_')}: true"
                             + (" (and clip.compile)" if switch == "compile" else ""))
+    parser.add_argument("--exact-decoder", action="store_true",
+                        help="sam.shared_image_decoder: false (segment_anything's two-way transformer in the stage)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best of each is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed stage runs first (0 for slow real-size runs)")
     parser.add_argument("--vocab-sizes", default="", help="e.g. 12,171,847: stage s/image per vocabulary size")
