@@ -42,24 +42,43 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 def attention(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """segment_anything ``transformer.Attention`` (its projections) through SDPA: q [B, Nq, C], k and v
     [B, Nk, C] -> [B, Nq, C]."""
+    return projected_attention(module, module.q_proj(q), module.k_proj(k), module.v_proj(v))
+
+
+def projected_attention(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The attention of ``module`` on already projected q [B, Nq, C_i], k and v [B, Nk, C_i] -> [B, Nq, C]."""
     heads = module.num_heads
-    out = F.scaled_dot_product_attention(_heads(module.q_proj(q), heads), _heads(module.k_proj(k), heads),
-                                         _heads(module.v_proj(v), heads))
+    out = F.scaled_dot_product_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads))
     return module.out_proj(_merge(out))
 
 
-def image_to_token(module: Any, image: torch.Tensor, tokens_k: torch.Tensor, tokens_v: torch.Tensor) -> torch.Tensor:
-    """segment_anything ``transformer.Attention(q=image, k=tokens_k, v=tokens_v)`` of N image queries on T tokens,
-    laid out for T << N: image [1 or B, N, C] (1 = shared by all B prompts), tokens_k and tokens_v [B, T, C]
-    -> [B, N, C].
+def project_sum(projection: torch.nn.Linear, x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """``projection(x + shared)`` for x [B, N, C] and shared [1, N, C] as x W^T + projection(shared): the [B, N, C]
+    sum is never formed, the shared term is projected once (linearity; float rounding only)."""
+    return torch.matmul(x, projection.weight.T).add_(projection(shared))
+
+
+def image_to_token(module: Any, queries: torch.Tensor, tokens_k: torch.Tensor, tokens_v: torch.Tensor,
+                   residual: torch.Tensor) -> torch.Tensor:
+    """``residual`` + segment_anything ``transformer.Attention(q=image, k=tokens_k, v=tokens_v)`` of N image queries
+    on T tokens, laid out for T << N.
+
+    Args:
+        module: the ``cross_attn_image_to_token`` attention.
+        queries: [1 or B, N, C_i] the image queries already projected (``q_proj``; 1 = shared by all B prompts).
+        tokens_k, tokens_v: [B, T, C] the tokens the keys and values are projected from.
+        residual: [1, N, C], or [B, N, C] which is overwritten with the result (it is the block's own tensor).
+
+    Returns:
+        [B, N, C] residual + attention output.
 
     The scores of all heads come out of one matmul as [B, heads, T, N] (the keys as a block-diagonal
     [B, heads * T, C_i] matrix), so the softmax runs over T on a strided axis with N contiguous (a softmax over a
     last axis of ~7 costs more than the whole rest); the head merge and ``out_proj`` fold into one batched matmul
-    ([B, N, heads * T] probabilities @ [B, heads * T, C] = each head's values times its slice of ``out_proj``).
+    ([B, N, heads * T] probabilities @ [B, heads * T, C] = each head's values times its slice of ``out_proj``),
+    accumulated in place onto residual + ``out_proj.bias`` (no [B, N, C] temporary for the attention output).
     """
     heads, batch, count = module.num_heads, tokens_k.shape[0], tokens_k.shape[1]
-    queries = module.q_proj(image)
     depth = queries.shape[-1] // heads
     keys = module.k_proj(tokens_k).view(batch, count, heads, depth) * depth ** -0.5
     eye = torch.eye(heads, dtype=keys.dtype, device=keys.device)
@@ -72,7 +91,11 @@ def image_to_token(module: Any, image: torch.Tensor, tokens_k: torch.Tensor, tok
     values = module.v_proj(tokens_v).view(batch, count, heads, depth)
     weight = module.out_proj.weight.view(-1, heads, depth)
     projected = torch.einsum("bthi,chi->bhtc", values, weight).reshape(batch, heads * count, -1)
-    return torch.baddbmm(module.out_proj.bias, probs.transpose(1, 2), projected)
+    if residual.shape[0] == batch:
+        out = residual.add_(module.out_proj.bias)
+    else:
+        out = (residual + module.out_proj.bias).expand(batch, -1, -1).contiguous()
+    return out.baddbmm_(probs.transpose(1, 2), projected)
 
 
 def first_block(block: Any, tokens: torch.Tensor, src: torch.Tensor,
@@ -96,21 +119,26 @@ def first_block(block: Any, tokens: torch.Tensor, src: torch.Tensor,
                          keys_pe, src)
     queries = block.norm2(queries + to_image.view(batch, count, channels))
     queries = block.norm3(queries + block.mlp(queries))
-    to_tokens = image_to_token(block.cross_attn_image_to_token, keys_pe, queries + tokens, queries)
-    return queries, block.norm4(src + to_tokens)
+    cross = block.cross_attn_image_to_token
+    keys = image_to_token(cross, cross.q_proj(keys_pe), queries + tokens, queries, src)
+    return queries, block.norm4(keys)
 
 
 def later_block(block: Any, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
                 key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``TwoWayAttentionBlock.forward`` (with the positional terms) per prompt: queries [B, T, C], keys [B, N, C],
-    query_pe [B, T, C], key_pe [1, N, C] (broadcast) -> (queries, keys)."""
+    """``TwoWayAttentionBlock.forward`` (with the positional terms) per prompt: queries [B, T, C], keys [B, N, C]
+    (overwritten: the block's input from the previous block), query_pe [B, T, C], key_pe [1, N, C] -> (queries,
+    keys). The projections of keys + key_pe are `project_sum`."""
     q = queries + query_pe
     queries = block.norm1(queries + attention(block.self_attn, q, q, queries))
-    q, k = queries + query_pe, keys + key_pe
-    queries = block.norm2(queries + attention(block.cross_attn_token_to_image, q, k, keys))
+    to_image = block.cross_attn_token_to_image
+    q = to_image.q_proj(queries + query_pe)
+    queries = block.norm2(queries + projected_attention(to_image, q, project_sum(to_image.k_proj, keys, key_pe),
+                                                        to_image.v_proj(keys)))
     queries = block.norm3(queries + block.mlp(queries))
-    keys = block.norm4(keys + image_to_token(block.cross_attn_image_to_token, k, queries + query_pe, queries))
-    return queries, keys
+    cross = block.cross_attn_image_to_token
+    keys = image_to_token(cross, project_sum(cross.q_proj, keys, key_pe), queries + query_pe, queries, keys)
+    return queries, block.norm4(keys)
 
 
 def shared_image_transformer(transformer: Any, image: torch.Tensor, pos: torch.Tensor,
@@ -130,5 +158,7 @@ def shared_image_transformer(transformer: Any, image: torch.Tensor, pos: torch.T
     queries, keys = first_block(transformer.layers[0], tokens, src, pe)
     for block in transformer.layers[1:]:
         queries, keys = later_block(block, queries, keys, tokens, pe)
-    final = attention(transformer.final_attn_token_to_image, queries + tokens, keys + pe, keys)
-    return transformer.norm_final_attn(queries + final), keys
+    final = transformer.final_attn_token_to_image
+    out = projected_attention(final, final.q_proj(queries + tokens), project_sum(final.k_proj, keys, pe),
+                              final.v_proj(keys))
+    return transformer.norm_final_attn(queries + out), keys
