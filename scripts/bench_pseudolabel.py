@@ -3,8 +3,10 @@
 Same images (written once to a folder, read back by all three), same models, same knobs:
 
 (a) Bare model cost: only the networks, on pre-decoded, pre-transformed batches: CLIP on every sliding-window
-    crop, SAM's image encoder, SAM's prompt encoder + mask decoder on the automatic generator's point grid and on
-    stage 1.1-sized prompt sets (low-resolution logits, no post-processing). A lower bound on any implementation.
+    crop, SAM's image encoder, SAM's prompt encoder + mask decoder on the automatic generator's point grid (the
+    decoder the stage runs there: ``sam.shared_image_decoder``, `pipeline.models.sam_two_way`, unless
+    ``--exact-decoder``) and on stage 1.1-sized prompt sets (low-resolution logits, no post-processing, the mask head
+    on every point).
 (b) Per-image loop (always fp32: segment_anything's generator fails under bf16 autocast), the way SAM's
     ``scripts/amg.py`` and autodistill-style labelers do it: for each image decode it,
     run CLIP's sliding window on it alone, ``SamPredictor.set_image`` then one ``predict`` call per present class,
@@ -174,14 +176,30 @@ def bare_models(stage: PseudoLabelStage, images: list[np.ndarray], args: argpars
         for start in range(0, len(images), args.batch):
             features = sam.model.image_encoder(torch.cat(sam_inputs[start:start + args.batch]))
             for index in range(features.shape[0]):
-                for batch in prompts[start + index]:
-                    labels = torch.ones(batch.shape[:2], dtype=torch.int64, device=sam.device)
-                    sparse, dense = sam.model.prompt_encoder(points=(batch, labels), boxes=None, masks=None)
-                    sam.model.mask_decoder(image_embeddings=features[index:index + 1],
-                                           image_pe=sam.model.prompt_encoder.get_dense_pe(),
-                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                           multimask_output=True)
+                *grid_batches, sets = prompts[start + index]
+                for batch in grid_batches:
+                    grid_decoder(sam, features[index:index + 1], batch)
+                decoder(sam, features[index:index + 1], sets)
     return timer
+
+
+def decoder(sam: Any, embedding: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """segment_anything's prompt encoder + mask decoder on [B, P, 2] foreground points (low-resolution logits)."""
+    labels = torch.ones(points.shape[:2], dtype=torch.int64, device=sam.device)
+    sparse, dense = sam.model.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+    return sam.model.mask_decoder(image_embeddings=embedding, image_pe=sam.model.prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=True)[0]
+
+
+def grid_decoder(sam: Any, embedding: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """The decoder the stage's automatic generator runs (``sam.shared_image_decoder``), mask head on all points."""
+    from pipeline.models.sam_decoder import decode_tokens_shared, mask_logits
+
+    if not sam.cfg.shared_image_decoder:
+        return decoder(sam, embedding, points)
+    labels = torch.ones(points.shape[:2], dtype=torch.int64, device=sam.device)
+    return mask_logits(sam.model, decode_tokens_shared(sam.model, embedding, points, labels))[:, 1:]
 
 
 def per_image_loop(stage: PseudoLabelStage, refs: list, out_dir: Path, args: argparse.Namespace) -> Timer:
