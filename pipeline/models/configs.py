@@ -85,7 +85,7 @@ class SamConfig:
             CPU too; equal to SAM's own attention up to float rounding); see `pipeline.models.accel`.
         shared_image_decoder: the automatic mask generator's decoder computes the image side of the two-way
             transformer's first block once per image instead of once per point prompt, attention through SDPA
-            (`pipeline.models.sam_two_way`; ~2.5x faster on CPU, equal to segment_anything's decoder up to float
+            (`pipeline.models.sam_two_way`; ~3x faster on CPU, equal to segment_anything's decoder up to float
             rounding, ~1e-6). False = segment_anything's own transformer (records bit-equal to
             ``SamAutomaticMaskGenerator``'s).
         channels_last: the encoder's convolutions in channels-last memory format.

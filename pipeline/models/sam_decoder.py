@@ -8,12 +8,18 @@ with each mask token's hypernetwork output. The predicted IoU comes from (1) alo
 surviving output (on the trained toy SAM, 28 % of the 8x8 grid's prompts; the upscaling is about a fifth of the
 decoder's time).
 
-The halves call the decoder's own submodules with the same tensors, in the same order, as ``predict_masks``. The
-hypernetwork MLPs (small matmuls, whose per-row results on CPU depend on how many rows a call has) run in the first
-half on all B prompts, as in ``predict_masks``; the upscaling and the final batched matmul are per-sample, so on a
-subset of prompts they give bit for bit the full batch's logits (a subset of one prompt runs as two: see
-`mask_logits`) (tests/models/test_sam_decoder.py; the records equal
-``SamAutomaticMaskGenerator``'s, tests/models/test_sam_masks.py).
+The transformer half comes in two versions: `decode_tokens` calls segment_anything's ``TwoWayTransformer`` on B
+copies of the image tokens (the exact path, ``sam.shared_image_decoder: false``); `decode_tokens_shared` (the
+default for the automatic generator) runs the same modules through `pipeline.models.sam_two_way`, which computes
+the image side of the first block once for all B prompts and never repeats the image embedding (~3x faster on
+CPU at toy and at ``vit_b`` size; equal up to float rounding, ~1e-6 in the IoUs, tests/models/test_sam_two_way.py).
+
+The exact halves call the decoder's own submodules with the same tensors, in the same order, as ``predict_masks``.
+The hypernetwork MLPs (small matmuls, whose per-row results on CPU depend on how many rows a call has) run in the
+first half on all B prompts, as in ``predict_masks``; the upscaling and the final batched matmul are per-sample, so
+on a subset of prompts they give bit for bit the full batch's logits (a subset of one prompt runs as two: see
+`mask_logits`) (tests/models/test_sam_decoder.py; the records equal ``SamAutomaticMaskGenerator``'s,
+tests/models/test_sam_masks.py).
 """
 
 from __future__ import annotations

@@ -11,12 +11,21 @@ image side is still the same for every prompt: ``keys`` = image embedding + the 
 3. image-to-token attention: q_proj(keys + key_pe) is computed once, and these shared image queries attend to each
    prompt's own T token keys/values; ``keys + attn_out`` (broadcast over B), ``norm4``.
 
-From that residual on, everything is per prompt, exactly as in segment_anything (blocks 2.., the final
-token-to-image attention, ``norm_final_attn``), with the positional encoding broadcast instead of repeated. Every
-attention runs through `torch.nn.functional.scaled_dot_product_attention` on head views (no head split/recombine
-copies where the layout allows). Same modules, same weights, same op order as segment_anything; the values differ
-from it only by float rounding (matmul shapes and SDPA's fused softmax accumulate in another order: max |diff|
-~1e-6 in the IoUs and mask logits of the trained toy SAM, tests/models/test_sam_two_way.py).
+From that residual on, everything is per prompt as in segment_anything (blocks 2.., the final token-to-image
+attention, ``norm_final_attn``), with the positional encoding broadcast instead of repeated. Memory-bound work on
+[B, N, C] is what costs on a CPU, so:
+
+- the token attentions run through `torch.nn.functional.scaled_dot_product_attention` on head views (no head
+  split/recombine copies where the layout allows);
+- the image-to-token attention (N queries on ~7 token keys) takes its scores as [B, heads, T, N] so the softmax
+  never runs over a last axis of 7, and folds the head merge and ``out_proj`` into one batched matmul that
+  accumulates onto the residual in place (`image_to_token`);
+- a projection of keys + key_pe is keys W^T + projection(key_pe), the positional term projected once on [1, N, C]
+  (`project_sum`), so the [B, N, C] sum is never formed.
+
+Same modules and weights, the same sequence of layers, residuals and norms as segment_anything; the values differ
+only by float rounding (other matmul shapes and summation orders: max |diff| ~1e-6 in the IoUs and ~5e-6 x
+(1 + |logit|) in the mask logits of the trained toy SAM, tests/models/test_sam_two_way.py).
 """
 
 from __future__ import annotations
