@@ -104,7 +104,8 @@ def image_to_token(module: Any, queries: torch.Tensor, tokens_k: torch.Tensor, t
         out = residual.add_(module.out_proj.bias)
     else:
         out = (residual + module.out_proj.bias).expand(batch, -1, -1).contiguous()
-    return out.baddbmm_(probs.transpose(1, 2), projected)
+    return out.baddbmm_(probs.transpose(1, 2).to(out.dtype), projected.to(out.dtype))  # in place: autocast leaves
+    # the dtypes to us; the residual stream stays float32 under bf16/fp16 as in segment_anything
 
 
 def first_block(block: Any, tokens: torch.Tensor, src: torch.Tensor,
