@@ -3,10 +3,10 @@
 Same images (written once to a folder, read back by all three), same models, same knobs:
 
 (a) Bare model cost: only the networks, on pre-decoded, pre-transformed batches: CLIP on every sliding-window
-    crop, SAM's image encoder, SAM's prompt encoder + mask decoder on the automatic generator's point grid (the
-    decoder the stage runs there: ``sam.shared_image_decoder``, `pipeline.models.sam_two_way`, unless
-    ``--exact-decoder``) and on stage 1.1-sized prompt sets (low-resolution logits, no post-processing, the mask head
-    on every point).
+    crop, SAM's image encoder, SAM's prompt encoder + mask decoder on the automatic generator's point grid and on
+    stage 1.1-sized prompt sets (the decoder the stage runs: ``sam.shared_image_decoder``,
+    `pipeline.models.sam_two_way`, unless ``--exact-decoder``; low-resolution logits, no post-processing, the mask
+    head on every prompt).
 (b) Per-image loop (always fp32: segment_anything's generator fails under bf16 autocast), the way SAM's
     ``scripts/amg.py`` and autodistill-style labelers do it: for each image decode it,
     run CLIP's sliding window on it alone, ``SamPredictor.set_image`` then one ``predict`` call per present class,
@@ -177,9 +177,8 @@ def bare_models(stage: PseudoLabelStage, images: list[np.ndarray], args: argpars
             features = sam.model.image_encoder(torch.cat(sam_inputs[start:start + args.batch]))
             for index in range(features.shape[0]):
                 *grid_batches, sets = prompts[start + index]
-                for batch in grid_batches:
-                    grid_decoder(sam, features[index:index + 1], batch)
-                decoder(sam, features[index:index + 1], sets)
+                for batch in [*grid_batches, sets]:
+                    stage_decoder(sam, features[index:index + 1], batch)
     return timer
 
 
@@ -192,8 +191,8 @@ def decoder(sam: Any, embedding: torch.Tensor, points: torch.Tensor) -> torch.Te
                                   multimask_output=True)[0]
 
 
-def grid_decoder(sam: Any, embedding: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """The decoder the stage's automatic generator runs (``sam.shared_image_decoder``), mask head on all points."""
+def stage_decoder(sam: Any, embedding: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """The decoder the stage runs (``sam.shared_image_decoder``), the mask head on every prompt."""
     from pipeline.models.sam_decoder import decode_tokens_shared, mask_logits
 
     if not sam.cfg.shared_image_decoder:

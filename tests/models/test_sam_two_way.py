@@ -124,3 +124,21 @@ def test_the_knob_chooses_the_transformer(images: list[np.ndarray], monkeypatch:
         automatic_masks(build("random", shared), images[0], amg)
         assert len(calls) == expected, shared
     assert SamConfig().shared_image_decoder  # the default (measured in BENCHMARKS.md)
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_point_prompt_sets_decode_through_the_shared_path_too(images: list[np.ndarray], multimask: bool) -> None:
+    """Stage 1.1's `Sam.decode_points` (sets of several points, mixed labels): masks of the trained toy SAM equal the
+    exact decoder's, scores within 1e-5."""
+    fast, exact = build("trained"), build("trained", shared=False)
+    embeddings = fast.embed_images(images[:1])
+    rng = np.random.default_rng(1)
+    prompts = [rng.random((count, 2)) * 128 for count in (5, 5, 1, 3)]
+    labels = [np.r_[1, rng.integers(0, 2, len(p) - 1)] for p in prompts]
+    ours = fast.decode_points(embeddings, 0, prompts, labels, multimask)
+    reference = exact.decode_points(embeddings, 0, prompts, labels, multimask)
+    for (masks, scores), (ref_masks, ref_scores) in zip(ours, reference, strict=True):
+        assert masks.shape == ref_masks.shape == ((3 if multimask else 1), 128, 128)
+        assert np.array_equal(masks, ref_masks)
+        np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-5)
+    assert sum(masks.sum() for masks, _ in ours) > 1000  # real masks compared, not empty ones
