@@ -68,7 +68,7 @@ def project_sum(projection: torch.nn.Linear, x: torch.Tensor, shared: torch.Tens
 
 
 def image_to_token(module: Any, queries: torch.Tensor, tokens_k: torch.Tensor, tokens_v: torch.Tensor,
-                   residual: torch.Tensor) -> torch.Tensor:
+                   residual: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """``residual`` + segment_anything ``transformer.Attention(q=image, k=tokens_k, v=tokens_v)`` of N image queries
     on T tokens, laid out for T << N.
 
@@ -76,7 +76,8 @@ def image_to_token(module: Any, queries: torch.Tensor, tokens_k: torch.Tensor, t
         module: the ``cross_attn_image_to_token`` attention.
         queries: [1 or B, N, C_i] the image queries already projected (``q_proj``; 1 = shared by all B prompts).
         tokens_k, tokens_v: [B, T, C] the tokens the keys and values are projected from.
-        residual: [1, N, C], or [B, N, C] which is overwritten with the result (it is the block's own tensor).
+        residual: [1 or B, N, C]; with `overwrite` (a [B, N, C] tensor of the caller's own) it receives the
+            result in place.
 
     Returns:
         [B, N, C] residual + attention output.
@@ -100,7 +101,7 @@ def image_to_token(module: Any, queries: torch.Tensor, tokens_k: torch.Tensor, t
     values = module.v_proj(tokens_v).view(batch, count, heads, depth)
     weight = module.out_proj.weight.view(-1, heads, depth)
     projected = torch.einsum("bthi,chi->bhtc", values, weight).reshape(batch, heads * count, -1)
-    if residual.shape[0] == batch:
+    if overwrite and residual.shape[0] == batch:
         out = residual.add_(module.out_proj.bias)
     else:
         out = (residual + module.out_proj.bias).expand(batch, -1, -1).contiguous()
@@ -147,7 +148,8 @@ def later_block(block: Any, queries: torch.Tensor, keys: torch.Tensor, query_pe:
                                                         to_image.v_proj(keys)))
     queries = block.norm3(queries + block.mlp(queries))
     cross = block.cross_attn_image_to_token
-    keys = image_to_token(cross, project_sum(cross.q_proj, keys, key_pe), queries + query_pe, queries, keys)
+    keys = image_to_token(cross, project_sum(cross.q_proj, keys, key_pe), queries + query_pe, queries, keys,
+                          overwrite=True)
     return queries, block.norm4(keys)
 
 

@@ -48,15 +48,16 @@ def images() -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("weights", ["random", "trained"])
-@pytest.mark.parametrize("points", [1, 3])
+@pytest.mark.parametrize(("count", "points"), [(64, 1), (64, 3), (1, 2)])
 @torch.no_grad()
-def test_shared_path_equals_the_exact_decoder_up_to_rounding(images: list[np.ndarray], weights: str,
+def test_shared_path_equals_the_exact_decoder_up_to_rounding(images: list[np.ndarray], weights: str, count: int,
                                                              points: int) -> None:
+    """`count` prompts of `points` points each (the generator's 64 single points; sets; a single prompt)."""
     sam = build(weights)
     model, embedding = sam.model, sam.embed_images(images[:1]).features
     generator = torch.Generator().manual_seed(points)
-    coords = torch.rand(64, points, 2, generator=generator) * 256
-    labels = torch.randint(0, 2, (64, points), generator=generator)
+    coords = torch.rand(count, points, 2, generator=generator) * 256
+    labels = torch.randint(0, 2, (count, points), generator=generator)
     labels[:, 0] = 1
     exact, fast = decode_tokens(model, embedding, coords, labels), decode_tokens_shared(model, embedding, coords,
                                                                                         labels)
@@ -64,7 +65,7 @@ def test_shared_path_equals_the_exact_decoder_up_to_rounding(images: list[np.nda
     reference, reference_iou = model.mask_decoder.predict_masks(embedding, model.prompt_encoder.get_dense_pe(),
                                                                 sparse, dense)
     logits = mask_logits(model, fast)
-    assert logits.shape == reference.shape == (64, 4, 64, 64) and fast.iou.shape == (64, 4)
+    assert logits.shape == reference.shape == (count, 4, 64, 64) and fast.iou.shape == (count, 4)
     assert fast.image_tokens.shape == exact.image_tokens.shape and fast.grid == exact.grid == (16, 16)
     assert reference.abs().max() > (20 if weights == "trained" else 0.1)  # real logits, not a degenerate case
     assert (fast.iou - reference_iou).abs().max() <= 1e-5
