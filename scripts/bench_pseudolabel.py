@@ -4,7 +4,9 @@ Same images (written once to a folder, read back by all three), same models, sam
 
 (a) Bare model cost: only the networks, on pre-decoded, pre-transformed batches: CLIP on every sliding-window
     crop, SAM's image encoder, SAM's prompt encoder + mask decoder on the automatic generator's point grid and on
-    stage 1.1-sized prompt sets (low-resolution logits, no post-processing). A lower bound on any implementation.
+    stage 1.1-sized prompt sets (the decoder the stage runs: ``sam.shared_image_decoder``,
+    `pipeline.models.sam_two_way`, unless ``--exact-decoder``; low-resolution logits, no post-processing, the mask
+    head on every prompt).
 (b) Per-image loop (always fp32: segment_anything's generator fails under bf16 autocast), the way SAM's
     ``scripts/amg.py`` and autodistill-style labelers do it: for each image decode it,
     run CLIP's sliding window on it alone, ``SamPredictor.set_image`` then one ``predict`` call per present class,
@@ -20,7 +22,8 @@ random weights, with permissive thresholds so SAM's post-processing sees many ma
 adds the stage's seconds per image for random vocabularies of those sizes; ``--profile`` prints a pyinstrument
 profile of one stage run. The last line printed is one JSON object (``bare_img_s``, ``loop_img_s``,
 ``stage_img_s``, ``efficiency`` = stage/bare, ``speedup`` = stage/loop, ``device``, ``clip``, ``sam``, ``images``,
-``precision``, ``s_per_image_by_vocab``).
+``precision``, ``s_per_image_by_vocab``). ``--exact-decoder`` runs the stage with ``sam.shared_image_decoder:
+false`` (segment_anything's decoder transformer, as (a) and (b) use).
 
     python scripts/bench_pseudolabel.py [--images 8] [--repeats 2] [--vocab-sizes 12,171,847] [--profile]
     python scripts/bench_pseudolabel.py --clip ViT-B-16 --sam vit_b --short-side 448 --device cuda --precision bf16
@@ -105,6 +108,7 @@ def build_stage(args: argparse.Namespace, images: Path, out_dir: str, vocab: str
     sam = {"model_type": args.sam, "device": args.device, "precision": args.precision, "encoder_batch_size": args.batch,
            "checkpoint": str(TOY_SAM) if toys else None}
     sam |= {key: True for key in ("sdpa", "channels_last", "compile") if getattr(args, key)}  # SamConfig switches
+    sam |= {"shared_image_decoder": False} if args.exact_decoder else {}
     clip |= {"compile": True} if args.compile else {}
     amg: dict[str, Any] = {"points_per_side": args.points}
     config: dict[str, Any] = {"vocab": vocab or ("toy" if args.data == "toyworld" else "camvid_11"),
@@ -172,14 +176,29 @@ def bare_models(stage: PseudoLabelStage, images: list[np.ndarray], args: argpars
         for start in range(0, len(images), args.batch):
             features = sam.model.image_encoder(torch.cat(sam_inputs[start:start + args.batch]))
             for index in range(features.shape[0]):
-                for batch in prompts[start + index]:
-                    labels = torch.ones(batch.shape[:2], dtype=torch.int64, device=sam.device)
-                    sparse, dense = sam.model.prompt_encoder(points=(batch, labels), boxes=None, masks=None)
-                    sam.model.mask_decoder(image_embeddings=features[index:index + 1],
-                                           image_pe=sam.model.prompt_encoder.get_dense_pe(),
-                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                           multimask_output=True)
+                *grid_batches, sets = prompts[start + index]
+                for batch in [*grid_batches, sets]:
+                    stage_decoder(sam, features[index:index + 1], batch)
     return timer
+
+
+def decoder(sam: Any, embedding: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """segment_anything's prompt encoder + mask decoder on [B, P, 2] foreground points (low-resolution logits)."""
+    labels = torch.ones(points.shape[:2], dtype=torch.int64, device=sam.device)
+    sparse, dense = sam.model.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+    return sam.model.mask_decoder(image_embeddings=embedding, image_pe=sam.model.prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=True)[0]
+
+
+def stage_decoder(sam: Any, embedding: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """The decoder the stage runs (``sam.shared_image_decoder``), the mask head on every prompt."""
+    from pipeline.models.sam_decoder import decode_tokens_shared, mask_logits
+
+    if not sam.cfg.shared_image_decoder:
+        return decoder(sam, embedding, points)
+    labels = torch.ones(points.shape[:2], dtype=torch.int64, device=sam.device)
+    return mask_logits(sam.model, decode_tokens_shared(sam.model, embedding, points, labels))[:, 1:]
 
 
 def per_image_loop(stage: PseudoLabelStage, refs: list, out_dir: Path, args: argparse.Namespace) -> Timer:
@@ -277,6 +296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for switch in ("sdpa", "channels-last", "compile"):
         parser.add_argument(f"--{switch}", action="store_true", help=f"sam.{switch.replace('-', '_')}: true"
                             + (" (and clip.compile)" if switch == "compile" else ""))
+    parser.add_argument("--exact-decoder", action="store_true",
+                        help="sam.shared_image_decoder: false (segment_anything's two-way transformer in the stage)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best of each is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed stage runs first (0 for slow real-size runs)")
     parser.add_argument("--vocab-sizes", default="", help="e.g. 12,171,847: stage s/image per vocabulary size")

@@ -8,9 +8,11 @@ Reduced precision is the models' ``precision`` knob (`pipeline.models.precision`
   up to float rounding (softmax and matmul order; max |difference| ~1e-6 in the embeddings, ~2e-7 in the decoder's
   logits and IoUs, fp32), so masks are no longer bit-equal to ``SamAutomaticMaskGenerator``'s.
 - ``channels_last``: the encoder's convolutions (patch embedding, neck) in channels-last memory format.
-- ``compile``: `torch.compile` of the image encoder, the mask decoder, and the decoder's two-way transformer and
-  upscaling (the halves `pipeline.models.sam_decoder` calls); first calls compile; shapes vary with the number of
-  prompts, so ``dynamic=None`` lets torch recompile with dynamic shapes after the first change.
+- ``compile``: `torch.compile` of the image encoder, the mask decoder, and the decoder's two-way transformer
+  (segment_anything's and the shared-image one of `pipeline.models.sam_two_way`, as
+  ``transformer.shared_image_forward``) and upscaling (the halves `pipeline.models.sam_decoder` calls); first
+  calls compile; shapes vary with the number of prompts, so ``dynamic=None`` lets torch recompile with dynamic
+  shapes after the first change.
 - ``pin_memory``: host images are page-locked before their copy to a CUDA device (`host_to_device`); the only switch
   that cannot change a value, so the only one outside the fingerprint (`pipeline.fingerprint.RESOURCE_KEYS`).
 - CLIP ``compile``: `torch.compile` of each block of the image tower (what `pipeline.models.clip_dense` runs before its
@@ -21,10 +23,13 @@ Reduced precision is the models' ``precision`` knob (`pipeline.models.precision`
 from __future__ import annotations
 
 import types
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.models.sam_two_way import shared_image_transformer
 
 
 def sdpa_attention_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +75,8 @@ def accelerate_sam(model: torch.nn.Module, sdpa: bool, channels_last: bool, comp
         decoder = model.mask_decoder
         for module in (decoder, decoder.transformer, decoder.output_upscaling):
             module.forward = torch.compile(module.forward)
+        decoder.transformer.shared_image_forward = torch.compile(partial(shared_image_transformer,
+                                                                         decoder.transformer))
 
 
 def host_to_device(array: Any, device: torch.device, pin_memory: bool) -> torch.Tensor:

@@ -236,7 +236,16 @@ class Sam:
     def decode_low_res(self, image_embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
                        multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder only: (low-resolution mask logits float32 [B, K, 4h, 4w], predicted IoU
-        float32 [B, K]); arguments as in `decode_torch`. Filters on the IoU can run before `upsample`."""
+        float32 [B, K]); arguments as in `decode_torch`. Filters on the IoU can run before `upsample`. With
+        ``cfg.shared_image_decoder`` the transformer is `pipeline.models.sam_two_way`'s (float rounding only)."""
+        if self.cfg.shared_image_decoder:
+            from pipeline.models.sam_decoder import decode_tokens_shared, mask_logits
+
+            outputs = slice(1, None) if multimask else slice(0, 1)  # segment_anything's mask_slice
+            with autocast(self.device, self.cfg.precision):
+                tokens = decode_tokens_shared(self.model, image_embedding, coords, labels)
+                low_res = mask_logits(self.model, tokens)
+            return low_res[:, outputs].float(), tokens.iou[:, outputs].float()
         with autocast(self.device, self.cfg.precision):
             sparse, dense = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
             low_res, iou = self.model.mask_decoder(

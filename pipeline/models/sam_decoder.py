@@ -8,17 +8,24 @@ with each mask token's hypernetwork output. The predicted IoU comes from (1) alo
 surviving output (on the trained toy SAM, 28 % of the 8x8 grid's prompts; the upscaling is about a fifth of the
 decoder's time).
 
-The halves call the decoder's own submodules with the same tensors, in the same order, as ``predict_masks``. The
-hypernetwork MLPs (small matmuls, whose per-row results on CPU depend on how many rows a call has) run in the first
-half on all B prompts, as in ``predict_masks``; the upscaling and the final batched matmul are per-sample, so on a
-subset of prompts they give bit for bit the full batch's logits (a subset of one prompt runs as two: see
-`mask_logits`) (tests/models/test_sam_decoder.py; the records equal
-``SamAutomaticMaskGenerator``'s, tests/models/test_sam_masks.py).
+The transformer half comes in two versions: `decode_tokens` calls segment_anything's ``TwoWayTransformer`` on B
+copies of the image tokens (the exact path, ``sam.shared_image_decoder: false``); `decode_tokens_shared` (the
+default for the automatic generator) runs the same modules through `pipeline.models.sam_two_way`, which computes
+the image side of the first block once for all B prompts and never repeats the image embedding (~3x faster on
+CPU at toy and at ``vit_b`` size; equal up to float rounding, ~1e-6 in the IoUs, tests/models/test_sam_two_way.py).
+
+The exact halves call the decoder's own submodules with the same tensors, in the same order, as ``predict_masks``.
+The hypernetwork MLPs (small matmuls, whose per-row results on CPU depend on how many rows a call has) run in the
+first half on all B prompts, as in ``predict_masks``; the upscaling and the final batched matmul are per-sample, so
+on a subset of prompts they give bit for bit the full batch's logits (a subset of one prompt runs as two: see
+`mask_logits`) (tests/models/test_sam_decoder.py; the records equal ``SamAutomaticMaskGenerator``'s,
+tests/models/test_sam_masks.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -61,9 +68,31 @@ def decode_tokens(model: torch.nn.Module, image_embedding: torch.Tensor, coords:
     src = torch.repeat_interleave(image_embedding, batch, dim=0) + dense
     pos = torch.repeat_interleave(model.prompt_encoder.get_dense_pe(), batch, dim=0)
     hs, image_tokens = decoder.transformer(src, pos, tokens)
+    return _heads(decoder, hs, image_tokens, (int(src.shape[2]), int(src.shape[3])))
+
+
+def decode_tokens_shared(model: torch.nn.Module, image_embedding: torch.Tensor, coords: torch.Tensor,
+                         labels: torch.Tensor) -> DecoderTokens:
+    """`decode_tokens` with the image side of the transformer's first block computed once for all B prompts
+    (`pipeline.models.sam_two_way`; equal up to float rounding, ~1e-6); arguments and output as `decode_tokens`."""
+    from pipeline.models.sam_two_way import shared_image_transformer
+
+    decoder = model.mask_decoder
+    sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
+    image = image_embedding + dense[:1]  # without a mask prompt every row of `dense` is the no-mask embedding
+    transformer = (getattr(decoder.transformer, "shared_image_forward", None)  # torch.compile'd (`sam.compile`)
+                   or partial(shared_image_transformer, decoder.transformer))
+    hs, image_tokens = transformer(image, model.prompt_encoder.get_dense_pe(), tokens)
+    return _heads(decoder, hs, image_tokens, (int(image.shape[2]), int(image.shape[3])))
+
+
+def _heads(decoder: torch.nn.Module, hs: torch.Tensor, image_tokens: torch.Tensor,
+           grid: tuple[int, int]) -> DecoderTokens:
+    """IoU head and hypernetworks on the transformer's output tokens hs [B, T, C]."""
     hyper = torch.stack([mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
-    return DecoderTokens(hyper, image_tokens, decoder.iou_prediction_head(hs[:, 0, :]),
-                         (int(src.shape[2]), int(src.shape[3])))
+    return DecoderTokens(hyper, image_tokens, decoder.iou_prediction_head(hs[:, 0, :]), grid)
 
 
 def mask_logits(model: torch.nn.Module, tokens: DecoderTokens, rows: torch.Tensor | None = None) -> torch.Tensor:

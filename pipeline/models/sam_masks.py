@@ -7,7 +7,8 @@ called in two halves on the stored embedding (`pipeline.models.sam_decoder`), so
 1. a regular grid of ``points_per_side``² points over the image (`build_all_layer_point_grids`, XY pixels), in
    batches of ``points_per_batch``;
 2. each point is one foreground prompt; the decoder's transformer half gives the 3 multimask outputs' predicted
-   IoUs (`pipeline.models.sam_decoder.decode_tokens`);
+   IoUs (`pipeline.models.sam_decoder.decode_tokens_shared`, the image side of the first block shared by the
+   batch's points, with ``sam.shared_image_decoder``, else the exact `decode_tokens`);
 3. keep predicted IoU > ``pred_iou_thresh`` (when > 0) **before** any mask logit exists: the IoU head does not
    depend on the mask head, so the mask head (`mask_logits`, low resolution) runs only on points with a surviving
    output and only the survivors are upsampled to the original resolution (SAM's ``postprocess_masks``, per mask);
@@ -21,8 +22,10 @@ called in two halves on the stored embedding (`pipeline.models.sam_decoder`), so
    small-region removal (OpenCV) runs first on its own ``MaskData``.
 
 segment_anything's crop-edge filter and its uncrop steps are identities for the full-image crop and are left out.
-The records equal ``SamAutomaticMaskGenerator(model, output_mode="coco_rle", **amg).generate(image)`` (masks,
-scores, boxes, order) when the embedding is the one the generator computes itself: the same decoder calls on the
+With ``sam.shared_image_decoder: false`` the records equal ``SamAutomaticMaskGenerator(model,
+output_mode="coco_rle", **amg).generate(image)`` (masks, scores, boxes, order) when the embedding is the one the
+generator computes itself (with the default shared-image decoder they equal it up to float rounding of the scores,
+masks within ~1e-5 of a threshold aside: tests/models/test_sam_two_way.py): the same decoder calls on the
 same point batches, the same per-mask upsampling, the same NMS input order (tests/models/test_sam_masks.py compares
 every field as JSON).
 
@@ -135,12 +138,13 @@ def _point_batch(sam: Sam, embedding: torch.Tensor, points: np.ndarray, input_si
     multimask outputs that pass the thresholds, in prompt-major order (as segment_anything flattens them)."""
     from segment_anything.utils.amg import batched_mask_to_box, calculate_stability_score
 
-    from pipeline.models.sam_decoder import decode_tokens, mask_logits
+    from pipeline.models.sam_decoder import decode_tokens, decode_tokens_shared, mask_logits
 
     coords = torch.as_tensor(sam.transform.apply_coords(points, image_hw), device=sam.device)
     labels = torch.ones(coords.shape[0], dtype=torch.int, device=sam.device)
+    decode = decode_tokens_shared if sam.cfg.shared_image_decoder else decode_tokens
     with autocast(sam.device, sam.cfg.precision):
-        tokens = decode_tokens(sam.model, embedding, coords[:, None, :], labels[:, None])
+        tokens = decode(sam.model, embedding, coords[:, None, :], labels[:, None])
     iou = tokens.iou[:, 1:].float()  # the 3 multimask outputs (segment_anything's mask_slice)
     keep = iou > amg.pred_iou_thresh if amg.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
     rows = keep.any(dim=1)  # exact before the mask head: the IoU head never sees the mask logits

@@ -18,8 +18,10 @@ TRAINED_SAM = Path(__file__).resolve().parents[2] / "assets" / "models" / "toy_s
 
 @pytest.fixture(scope="module")
 def trained_sam() -> Sam:
-    """The toy SAM trained on the toy world (real masks to compare), or random weights when it is absent."""
-    return Sam.build(SamConfig(model_type="toy", checkpoint=str(TRAINED_SAM) if TRAINED_SAM.is_file() else None))
+    """The toy SAM trained on the toy world (real masks to compare), or random weights when it is absent; the exact
+    decoder path (segment_anything's transformer), so records can equal the generator's bit for bit."""
+    return Sam.build(SamConfig(model_type="toy", checkpoint=str(TRAINED_SAM) if TRAINED_SAM.is_file() else None,
+                               shared_image_decoder=False))
 
 
 def _scene(height: int, width: int, seed: int) -> np.ndarray:

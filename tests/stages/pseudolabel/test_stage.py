@@ -135,6 +135,7 @@ def test_pin_memory_is_a_resource_but_switches_that_change_rounding_enter_the_fi
     base = fingerprint("sam")
     assert fingerprint("sam", pin_memory=not values["sam"]["pin_memory"]) == base
     for section, key, value in (("sam", "sdpa", True), ("sam", "compile", True), ("sam", "precision", "bf16"),
+                                ("sam", "shared_image_decoder", not values["sam"]["shared_image_decoder"]),
                                 ("sam", "prompt_batch_size", 3), ("clip", "compile", True),
                                 ("clip", "image_batch_size", 5)):
         assert fingerprint(section, **{key: value}) != base, key
