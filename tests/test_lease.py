@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -99,7 +100,9 @@ def test_only_one_of_many_concurrent_claims_wins(tmp_path):
 def test_object_store_lease_write_then_verify(monkeypatch):
     with moto_s3(monkeypatch) as fs:
         path = "segetl-test/out/node/abc/_lease.json"
-        lease = acquire(fs, path, QUICK, "s3")
+        # no heartbeat during the test: a refresh that read its own lease just before the thief's write would put
+        # it back (read-then-write is not atomic on object stores) and the check below would pass by chance
+        lease = acquire(fs, path, dataclasses.replace(QUICK, heartbeat_s=3600), "s3")
         assert read_holder(fs, path).owner == lease.holder.owner
         with pytest.raises(LeaseHeld, match=f"on host {HOST}"):
             acquire(fs, path, QUICK, "other")
