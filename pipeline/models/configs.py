@@ -79,8 +79,9 @@ class SamConfig:
         init_seed: seed for random init, so random-init builds are reproducible.
         encoder_batch_size: images per image-encoder call in `Sam.embed_images` when the caller batches across
             images (moves embeddings by float noise with batch composition; see `Sam.embed_images`).
-        prompt_batch_size: prompt sets per mask-decoder call in `Sam.decode_points` (does not change results;
-            memory grows as sets x K x H x W float32 for the upsampled masks).
+        prompt_batch_size: prompt sets per mask-decoder call in `Sam.decode_points` (moves scores by float rounding,
+            as CPU matmul kernels change with the row count, so it is in the fingerprint; memory grows as
+            sets x K x H x W float32 for the upsampled masks).
         sdpa: image-encoder and mask-decoder attention through PyTorch's scaled_dot_product_attention (fused kernels,
             CPU too; equal to SAM's own attention up to float rounding); see `pipeline.models.accel`.
         shared_image_decoder: the mask decoder (automatic generator and `Sam.decode_points`) computes the image
