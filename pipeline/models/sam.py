@@ -33,6 +33,7 @@ from pipeline.models.checkpoints import (
 from pipeline.models.configs import AmgConfig, SamConfig, sam_identity
 from pipeline.models.precision import autocast
 from pipeline.models.preprocess import check_rgb_uint8
+from pipeline.models.sam_decoder import DecoderTokens, decode_tokens, decode_tokens_shared, mask_logits
 
 TOY_CONFIG = Path(__file__).resolve().parent / "configs" / "sam-toy.json"
 
@@ -236,23 +237,21 @@ class Sam:
     def decode_low_res(self, image_embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
                        multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder only: (low-resolution mask logits float32 [B, K, 4h, 4w], predicted IoU
-        float32 [B, K]); arguments as in `decode_torch`. Filters on the IoU can run before `upsample`. With
-        ``cfg.shared_image_decoder`` the transformer is `pipeline.models.sam_two_way`'s (float rounding only)."""
-        if self.cfg.shared_image_decoder:
-            from pipeline.models.sam_decoder import decode_tokens_shared, mask_logits
-
-            outputs = slice(1, None) if multimask else slice(0, 1)  # segment_anything's mask_slice
-            with autocast(self.device, self.cfg.precision):
-                tokens = decode_tokens_shared(self.model, image_embedding, coords, labels)
-                low_res = mask_logits(self.model, tokens)
-            return low_res[:, outputs].float(), tokens.iou[:, outputs].float()
+        float32 [B, K]); arguments as in `decode_torch`. Filters on the IoU can run before `upsample`. The decoder
+        is `decoder_tokens`' and the mask head (bit-equal to ``MaskDecoder`` on the exact path)."""
+        outputs = slice(1, None) if multimask else slice(0, 1)  # segment_anything's mask_slice
         with autocast(self.device, self.cfg.precision):
-            sparse, dense = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-            low_res, iou = self.model.mask_decoder(
-                image_embeddings=image_embedding, image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
-            )
-        return low_res.float(), iou.float()
+            tokens = self.decoder_tokens(image_embedding, coords, labels)
+            low_res = mask_logits(self.model, tokens)
+        return low_res[:, outputs].float(), tokens.iou[:, outputs].float()
+
+    def decoder_tokens(self, image_embedding: torch.Tensor, coords: torch.Tensor,
+                       labels: torch.Tensor) -> DecoderTokens:
+        """The mask decoder's transformer half (`DecoderTokens`) for B prompt sets on one embedding [1, C, h, w]:
+        the shared-image path with ``cfg.shared_image_decoder`` (float rounding only), else segment_anything's exact
+        one. Callers apply autocast."""
+        decode = decode_tokens_shared if self.cfg.shared_image_decoder else decode_tokens
+        return decode(self.model, image_embedding, coords, labels)
 
     def upsample(self, low_res: torch.Tensor, input_size: tuple[int, int],
                  original_size: tuple[int, int]) -> torch.Tensor:

@@ -61,9 +61,7 @@ def decode_tokens(model: torch.nn.Module, image_embedding: torch.Tensor, coords:
         coords: [B, P, 2] (x, y) in the encoder's input frame; labels: [B, P] (1 foreground, 0 background).
     """
     decoder = model.mask_decoder
-    sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
+    tokens, dense = _prompt_tokens(model, coords, labels)
     batch = tokens.shape[0]
     src = torch.repeat_interleave(image_embedding, batch, dim=0) + dense
     pos = torch.repeat_interleave(model.prompt_encoder.get_dense_pe(), batch, dim=0)
@@ -78,14 +76,22 @@ def decode_tokens_shared(model: torch.nn.Module, image_embedding: torch.Tensor, 
     from pipeline.models.sam_two_way import shared_image_transformer
 
     decoder = model.mask_decoder
-    sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
+    tokens, dense = _prompt_tokens(model, coords, labels)
     image = image_embedding + dense[:1]  # without a mask prompt every row of `dense` is the no-mask embedding
     transformer = (getattr(decoder.transformer, "shared_image_forward", None)  # torch.compile'd (`sam.compile`)
                    or partial(shared_image_transformer, decoder.transformer))
     hs, image_tokens = transformer(image, model.prompt_encoder.get_dense_pe(), tokens)
     return _heads(decoder, hs, image_tokens, (int(image.shape[2]), int(image.shape[3])))
+
+
+def _prompt_tokens(model: torch.nn.Module, coords: torch.Tensor,
+                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt encoder's output as ``predict_masks`` takes it: (tokens [B, T, C] = the IoU and mask output tokens
+    followed by the sparse point embeddings, dense prompt embedding [B, C, h, w])."""
+    decoder = model.mask_decoder
+    sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    return torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1), dense
 
 
 def _heads(decoder: torch.nn.Module, hs: torch.Tensor, image_tokens: torch.Tensor,

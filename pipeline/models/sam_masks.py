@@ -138,13 +138,12 @@ def _point_batch(sam: Sam, embedding: torch.Tensor, points: np.ndarray, input_si
     multimask outputs that pass the thresholds, in prompt-major order (as segment_anything flattens them)."""
     from segment_anything.utils.amg import batched_mask_to_box, calculate_stability_score
 
-    from pipeline.models.sam_decoder import decode_tokens, decode_tokens_shared, mask_logits
+    from pipeline.models.sam_decoder import mask_logits
 
     coords = torch.as_tensor(sam.transform.apply_coords(points, image_hw), device=sam.device)
     labels = torch.ones(coords.shape[0], dtype=torch.int, device=sam.device)
-    decode = decode_tokens_shared if sam.cfg.shared_image_decoder else decode_tokens
     with autocast(sam.device, sam.cfg.precision):
-        tokens = decode(sam.model, embedding, coords[:, None, :], labels[:, None])
+        tokens = sam.decoder_tokens(embedding, coords[:, None, :], labels[:, None])
     iou = tokens.iou[:, 1:].float()  # the 3 multimask outputs (segment_anything's mask_slice)
     keep = iou > amg.pred_iou_thresh if amg.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
     rows = keep.any(dim=1)  # exact before the mask head: the IoU head never sees the mask logits
