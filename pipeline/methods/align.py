@@ -157,13 +157,13 @@ class AlignMethod:
         valid = labels != self.cfg.ignore_index
         z, labels = z[valid], labels[valid]
         prototypes = self.text_embeddings.to(z.device)
+        similarity = z @ prototypes.T  # [N, K]
         if self.cfg.loss == "text_ce":
-            loss = F.cross_entropy(z @ prototypes.T / self.cfg.temperature, labels) if len(labels) else z.sum() * 0.0
+            loss = F.cross_entropy(similarity / self.cfg.temperature, labels) if len(labels) else z.sum() * 0.0
         else:
             loss = tsupcon_loss(z, labels, prototypes, self.cfg.temperature, self.cfg.include_self_positive,
                                 self.cfg.count_absent_classes)
-        with torch.no_grad():
-            accuracy = (z @ prototypes.T).argmax(dim=1).eq(labels).float().mean().item() if len(labels) else 0.0
+        accuracy = similarity.detach().argmax(dim=1).eq(labels).float().mean().item() if len(labels) else 0.0
         return loss, {"loss": loss.item(), "patch_acc": accuracy, "valid_patches": float(len(labels))}
 
     def predict_logits(self, model: nn.Module, features: Tensor) -> Tensor:
