@@ -182,23 +182,13 @@ def bare_models(stage: PseudoLabelStage, images: list[np.ndarray], args: argpars
     return timer
 
 
-def decoder(sam: Any, embedding: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """segment_anything's prompt encoder + mask decoder on [B, P, 2] foreground points (low-resolution logits)."""
-    labels = torch.ones(points.shape[:2], dtype=torch.int64, device=sam.device)
-    sparse, dense = sam.model.prompt_encoder(points=(points, labels), boxes=None, masks=None)
-    return sam.model.mask_decoder(image_embeddings=embedding, image_pe=sam.model.prompt_encoder.get_dense_pe(),
-                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                  multimask_output=True)[0]
-
-
 def stage_decoder(sam: Any, embedding: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """The decoder the stage runs (``sam.shared_image_decoder``), the mask head on every prompt."""
-    from pipeline.models.sam_decoder import decode_tokens_shared, mask_logits
+    """The decoder the stage runs (`Sam.decoder_tokens`: ``sam.shared_image_decoder``, else segment_anything's, bit
+    for bit), the mask head on every prompt; multimask low-resolution logits."""
+    from pipeline.models.sam_decoder import mask_logits
 
-    if not sam.cfg.shared_image_decoder:
-        return decoder(sam, embedding, points)
     labels = torch.ones(points.shape[:2], dtype=torch.int64, device=sam.device)
-    return mask_logits(sam.model, decode_tokens_shared(sam.model, embedding, points, labels))[:, 1:]
+    return mask_logits(sam.model, sam.decoder_tokens(embedding, points, labels))[:, 1:]
 
 
 def per_image_loop(stage: PseudoLabelStage, refs: list, out_dir: Path, args: argparse.Namespace) -> Timer:

@@ -14,6 +14,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -43,8 +44,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from pathlib import Path
-
     checkpoint = TRAINED_TOY if args.sam == "toy" and Path(TRAINED_TOY).is_file() else None
     sam = Sam.build(SamConfig(model_type=args.sam, checkpoint=checkpoint, device="cpu"))
     model = sam.model
