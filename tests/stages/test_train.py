@@ -131,7 +131,7 @@ def test_every_method_has_a_builder_and_ports():
 
 @pytest.mark.slow
 def test_killed_training_resumes_from_last_checkpoint(tmp_path):
-    cli = [sys.executable, "-m", "pipeline.run", *overrides(tmp_path, "train_ifseg.loop.steps=400",
+    cli = [sys.executable, "-m", "pipeline.run", *overrides(tmp_path, "train_ifseg.loop.steps=150",
                                                            "train_ifseg.loop.checkpoint_every=20")]
     process = subprocess.Popen(cli, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -147,7 +147,7 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path):
     resumed = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from checkpoint at step {first}" in resumed.stderr
-    assert open_stage(str(checkpoints)).manifest["final_log"]["step"] == 400
+    assert open_stage(str(checkpoints)).manifest["final_log"]["step"] == 150
 
 
 @pytest.mark.slow
