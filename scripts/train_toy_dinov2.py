@@ -100,11 +100,15 @@ def random_crops(images: torch.Tensor, gen: torch.Generator, count: int, scale: 
 class Head(torch.nn.Module):
     """DINO/iBOT projection head: MLP D -> 256 -> 256 -> 64, L2 norm, weight-normalised linear -> K logits."""
 
-    def __init__(self, dim: int, prototypes: int) -> None:
+    def __init__(self, dim: int, prototypes: int, norm_last_layer: bool = False) -> None:
         super().__init__()
         self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 256), torch.nn.GELU(), torch.nn.Linear(256, 256),
                                        torch.nn.GELU(), torch.nn.Linear(256, 64))
         self.last = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(64, prototypes, bias=False))
+        if norm_last_layer:  # DINO's norm_last_layer: prototype norms fixed at 1 (weight decay cannot shrink them)
+            magnitude = self.last.parametrizations.weight.original0
+            magnitude.data.fill_(1.0)
+            magnitude.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) tokens -> (..., K) logits."""
@@ -114,10 +118,11 @@ class Head(torch.nn.Module):
 class Student(torch.nn.Module):
     """Backbone + CLS head (DINO) + patch head (iBOT)."""
 
-    def __init__(self, backbone: torch.nn.Module, prototypes: int) -> None:
+    def __init__(self, backbone: torch.nn.Module, prototypes: int, norm_last_layer: bool = False) -> None:
         super().__init__()
         dim = backbone.config.hidden_size
-        self.backbone, self.cls_head, self.patch_head = backbone, Head(dim, prototypes), Head(dim, prototypes)
+        self.backbone = backbone
+        self.cls_head, self.patch_head = (Head(dim, prototypes, norm_last_layer) for _ in range(2))
 
     def forward(self, pixels: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> CLS logits (B, K) and patch logits (B, N, K); ``mask`` (B, N) bool = masked patches."""
@@ -240,6 +245,8 @@ def parse_args() -> argparse.Namespace:
     add("--lr", type=float, default=2e-3)
     add("--prototypes", type=int, default=1024)
     add("--teacher-temp", type=float, default=0.04)
+    add("--norm-last-layer", action="store_true",
+        help="fix the heads' prototype norms at 1 (DINO's norm_last_layer); off for the committed checkpoint")
     add("--momentum", type=float, default=0.99, help="initial teacher EMA momentum (cosine to 1)")
     add("--mask-ratio", type=float, default=0.3)
     add("--global-size", type=int, default=112)
@@ -272,7 +279,7 @@ def main() -> None:
             "val_labels": val_labels}
     report = {"init": linear_probe(backbone, data, args)}
     print(json.dumps(report["init"]), flush=True)
-    student = Student(backbone, args.prototypes)
+    student = Student(backbone, args.prototypes, args.norm_last_layer)
     report["log"] = train(student, images, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.contiguous() for k, v in student.backbone.state_dict().items()}, args.out)
