@@ -24,6 +24,9 @@ bilinearly to 128 px); also on the same val scenes with their hues rotated 120 d
 the backbone as a transformers-layout state dict (fp32), loadable with ``Dinov2Config(name="toy", weights=...)``.
 
     nice -n 10 python scripts/train_toy_dinov2.py  # defaults are the ones used for assets/models/toy_dinov2.pt
+
+``--supervised-bound`` trains the same backbone on the scenes' patch labels instead (an upper bound for the probe;
+it uses labels, so its output never goes into assets/).
 """
 
 from __future__ import annotations
@@ -237,6 +240,34 @@ def train(student: Student, images: torch.Tensor, args: argparse.Namespace) -> l
     return log
 
 
+def train_supervised_bound(backbone: torch.nn.Module, images: torch.Tensor, labels: np.ndarray,
+                           args: argparse.Namespace) -> list[dict]:
+    """Upper bound, uses labels (never for assets/): the backbone + a 1x1 conv head trained end to end with
+    cross-entropy on each patch's majority label, whole scenes at ``--global-size`` px, AdamW ``--lr``, ``--steps``
+    steps of ``--batch`` scenes. Shows what the architecture's patch tokens can carry for the linear probe."""
+    backbone.train().requires_grad_(True)
+    grid = args.global_size // 14
+    head = torch.nn.Conv2d(backbone.config.hidden_size, len(CLASS_NAMES), 1)
+    params = [*backbone.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.04)
+    targets = patch_majority(labels, grid)
+    gen = torch.Generator().manual_seed(args.seed)
+    log, start = [], time.time()
+    for step in (bar := tqdm(range(args.steps), desc="train dinov2 (supervised bound)")):
+        index = torch.randint(len(images), (args.batch,), generator=gen)
+        pixels = (F.interpolate(images[index], size=args.global_size, mode="bilinear", antialias=True) - MEAN) / STD
+        tokens = backbone(pixel_values=pixels).last_hidden_state[:, -grid * grid:]
+        logits = head(tokens.transpose(1, 2).reshape(len(index), -1, grid, grid))
+        loss = F.cross_entropy(logits, targets[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(ce=f"{loss.item():.3f}")
+        if (step + 1) % args.log_every == 0:
+            log.append({"step": step + 1, "ce": loss.item(), "s": round(time.time() - start)})
+    return log
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
@@ -262,6 +293,8 @@ def parse_args() -> argparse.Namespace:
     add("--log-every", type=int, default=100)
     add("--seed", type=int, default=0)
     add("--threads", type=int, default=1)
+    add("--supervised-bound", action="store_true",
+        help="train with the scenes' labels instead (an upper bound for the probe, uses labels; not for assets/)")
     add("--init", type=str, default=None, help="state dict to continue from (default: seeded random init)")
     add("--out", type=Path, default=Path("assets/models/toy_dinov2.pt"))
     return parser.parse_args()
@@ -272,17 +305,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     backbone = Dinov2.build(Dinov2Config(name="toy", weights=args.init, init_seed=args.seed, device="cpu")).model
-    images, _ = render_split("train", args.train_images)
+    images, labels = render_split("train", args.train_images)
     probe_images, probe_labels = images[: args.probe_train], render_split("train", args.probe_train)[1]
     val_images, val_labels = render_split("val", args.probe_val)
     data = {"probe_images": probe_images, "probe_labels": probe_labels, "val_images": val_images,
             "val_labels": val_labels}
     report = {"init": linear_probe(backbone, data, args)}
     print(json.dumps(report["init"]), flush=True)
-    student = Student(backbone, args.prototypes, args.norm_last_layer)
-    report["log"] = train(student, images, args)
+    if args.supervised_bound:
+        report["log"] = train_supervised_bound(backbone, images, labels, args)
+    else:
+        student = Student(backbone, args.prototypes, args.norm_last_layer)
+        report["log"] = train(student, images, args)
+        backbone = student.backbone
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.contiguous() for k, v in student.backbone.state_dict().items()}, args.out)
+    torch.save({k: v.contiguous() for k, v in backbone.state_dict().items()}, args.out)
     trained = Dinov2.build(Dinov2Config(name="toy", weights=str(args.out), device="cpu")).model  # as the demo loads it
     report["trained"] = linear_probe(trained, data, args)
     report["args"] = {k: str(v) for k, v in vars(args).items()}
