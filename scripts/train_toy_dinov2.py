@@ -161,11 +161,16 @@ def ssl_loss(student: Student, teacher: Student, views: tuple[torch.Tensor, torc
     return dino, ibot
 
 
+def resized_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) [0, 1] images -> (B, 3, size, size) bilinear (antialiased), ImageNet-normalised."""
+    return (F.interpolate(images, size=size, mode="bilinear", antialias=True) - MEAN) / STD
+
+
 @torch.no_grad()
 def patch_features(backbone: torch.nn.Module, images: torch.Tensor, size: int) -> torch.Tensor:
     """Frozen final-layer patch tokens (B, D, size/14, size/14) of [0, 1] images resized to ``size`` px."""
     wrapper = Dinov2(backbone.eval(), Dinov2Config(name="toy"), identity="probe")
-    pixels = (F.interpolate(images, size=size, mode="bilinear", antialias=True) - MEAN) / STD
+    pixels = resized_pixels(images, size)
     return torch.cat([wrapper.patch_features(chunk) for chunk in pixels.split(64)])
 
 
@@ -175,6 +180,13 @@ def patch_majority(labels: np.ndarray, grid: int) -> torch.Tensor:
     cells = labels.reshape(b, grid, s // grid, grid, s // grid).transpose(0, 1, 3, 2, 4).reshape(b, grid, grid, -1)
     counts = np.stack([(cells == c).sum(-1) for c in range(len(CLASS_NAMES))], -1)
     return torch.from_numpy(counts.argmax(-1))
+
+
+def probe_data(train_images: torch.Tensor, train_labels: np.ndarray, val_count: int) -> dict:
+    """The linear probe's scenes: the given train scenes (images, labels) and the first ``val_count`` val scenes."""
+    val_images, val_labels = render_split("val", val_count)
+    return {"probe_images": train_images, "probe_labels": train_labels, "val_images": val_images,
+            "val_labels": val_labels}
 
 
 def linear_probe(backbone: torch.nn.Module, data: dict, args: argparse.Namespace) -> dict:
@@ -245,8 +257,8 @@ def train_supervised_bound(backbone: torch.nn.Module, images: torch.Tensor, labe
     """Upper bound, uses labels (never for assets/): the backbone + a 1x1 conv head trained end to end with
     cross-entropy on each patch's majority label, whole scenes at ``--global-size`` px, AdamW ``--lr``, ``--steps``
     steps of ``--batch`` scenes. Shows what the architecture's patch tokens can carry for the linear probe."""
-    backbone.train().requires_grad_(True)
-    grid = args.global_size // 14
+    backbone.train()
+    grid = args.global_size // backbone.config.patch_size
     head = torch.nn.Conv2d(backbone.config.hidden_size, len(CLASS_NAMES), 1)
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.04)
@@ -255,8 +267,7 @@ def train_supervised_bound(backbone: torch.nn.Module, images: torch.Tensor, labe
     log, start = [], time.time()
     for step in (bar := tqdm(range(args.steps), desc="train dinov2 (supervised bound)")):
         index = torch.randint(len(images), (args.batch,), generator=gen)
-        pixels = (F.interpolate(images[index], size=args.global_size, mode="bilinear", antialias=True) - MEAN) / STD
-        tokens = backbone(pixel_values=pixels).last_hidden_state[:, -grid * grid:]
+        tokens = backbone(pixel_values=resized_pixels(images[index], args.global_size)).last_hidden_state[:, 1:]
         logits = head(tokens.transpose(1, 2).reshape(len(index), -1, grid, grid))
         loss = F.cross_entropy(logits, targets[index])
         optimizer.zero_grad(set_to_none=True)
@@ -306,10 +317,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     backbone = Dinov2.build(Dinov2Config(name="toy", weights=args.init, init_seed=args.seed, device="cpu")).model
     images, labels = render_split("train", args.train_images)
-    probe_images, probe_labels = images[: args.probe_train], render_split("train", args.probe_train)[1]
-    val_images, val_labels = render_split("val", args.probe_val)
-    data = {"probe_images": probe_images, "probe_labels": probe_labels, "val_images": val_images,
-            "val_labels": val_labels}
+    data = probe_data(images[: args.probe_train], labels[: args.probe_train], args.probe_val)
     report = {"init": linear_probe(backbone, data, args)}
     print(json.dumps(report["init"]), flush=True)
     if args.supervised_bound:

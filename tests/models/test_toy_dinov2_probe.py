@@ -33,10 +33,7 @@ def test_committed_toy_dinov2_probes_above_its_random_init(monkeypatch):
     script = load_training_script()
     monkeypatch.setattr("sys.argv", ["train_toy_dinov2.py"])
     args = script.parse_args()  # the script's probe settings: 112 px input, 300 AdamW steps
-    train_images, train_labels = script.render_split("train", 100)
-    val_images, val_labels = script.render_split("val", 100)
-    data = {"probe_images": train_images, "probe_labels": train_labels, "val_images": val_images,
-            "val_labels": val_labels}
+    data = script.probe_data(*script.render_split("train", 100), val_count=100)
     probe = {}
     for name, weights in (("random", None), ("trained", str(WEIGHTS))):
         torch.manual_seed(0)  # the probe's linear layer
