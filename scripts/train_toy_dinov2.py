@@ -15,6 +15,11 @@ the two losses DINOv2 combines (Oquab et al. 2023, separate heads, as there):
 * iBOT loss: the student sees each global crop with a random ``--mask-ratio`` of its patches replaced by the mask
   token (``bool_masked_pos``); cross-entropy of the teacher's patch distribution against the student's at the
   masked patches.
+* Optional dense cross-view loss (``--dense-weight``, off for the committed checkpoint), a dense DINO between the
+  two global crops: both crops' patch tokens are resampled (``roi_align``) on a 4 x 4 lattice over the crops'
+  intersection (the correspondence is the crops' known geometry, as in Leopart), flipped crops turned back to
+  scene orientation, and each crop's student patch distribution learns the other crop's centred, sharpened
+  teacher distribution at the same scene points.
 * Heads: MLP D -> 256 -> 256 -> 64, L2-normalised, then a weight-normalised linear layer to ``--prototypes``.
 
 Evaluation (before and after, same protocol): a linear probe on frozen final-layer patch tokens (the features the
@@ -50,6 +55,7 @@ from pipeline.models.configs import Dinov2Config
 from pipeline.models.dinov2 import Dinov2
 from pipeline.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
+DENSE_GRID = 4  # points per side sampled over two global crops' intersection for the dense cross-view loss
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
@@ -85,19 +91,40 @@ def colour_augment(images: torch.Tensor, gen: torch.Generator, strength: float, 
 
 
 def random_crops(images: torch.Tensor, gen: torch.Generator, count: int, scale: tuple[float, float], out: int,
-                 args: argparse.Namespace) -> torch.Tensor:
+                 args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``count`` random square crops per image (area fraction in ``scale``), flipped and colour-augmented, ImageNet-
-    normalised: (count * B, 3, out, out), crop-major."""
+    normalised: (count * B, 3, out, out), crop-major; also each crop's box (count * B, 4) as x0, y0, x1, y1 in
+    scene pixels and its flip flag (count * B,) bool."""
     batch, size = len(images), images.shape[-1]
     area = scale[0] + (scale[1] - scale[0]) * torch.rand(count * batch, generator=gen)
     side = (area.sqrt() * size).clamp(min=4)
     x0, y0 = (torch.rand(2, count * batch, generator=gen) * (size - side)).unbind()
     index = torch.arange(batch).repeat(count).float()
-    boxes = torch.stack([index, x0, y0, x0 + side, y0 + side], 1)
-    crops = roi_align(images, boxes, out, spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    flip = (torch.rand(count * batch, generator=gen) < 0.5).view(-1, 1, 1, 1)
-    crops = colour_augment(torch.where(flip, crops.flip(-1), crops), gen, args.colour_strength, args.grey_p)
-    return (crops - MEAN) / STD
+    boxes = torch.stack([x0, y0, x0 + side, y0 + side], 1)
+    crops = roi_align(images, torch.cat([index[:, None], boxes], 1), out, spatial_scale=1.0, sampling_ratio=2,
+                      aligned=True)
+    flip = torch.rand(count * batch, generator=gen) < 0.5
+    crops = colour_augment(torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops), gen, args.colour_strength,
+                           args.grey_p)
+    return (crops - MEAN) / STD, boxes, flip
+
+
+def overlap_tokens(tokens: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, region: torch.Tensor,
+                   grid: int) -> torch.Tensor:
+    """Patch tokens (C, N, D) of C crops resampled on a ``grid`` x ``grid`` lattice over ``region`` (C, 4), a box in
+    scene pixels inside each crop's ``boxes`` (C, 4): (C, grid, grid, D), columns in scene orientation (a flipped
+    crop's lattice is flipped back), so row c of two crops of one scene covering one region are the same points."""
+    count, patches, dim = tokens.shape
+    side = math.isqrt(patches)
+    maps = tokens.transpose(1, 2).reshape(count, dim, side, side)
+    scale = side / (boxes[:, 2] - boxes[:, 0])
+    x0, x1 = (region[:, 0] - boxes[:, 0]) * scale, (region[:, 2] - boxes[:, 0]) * scale
+    y0, y1 = (region[:, 1] - boxes[:, 1]) * scale, (region[:, 3] - boxes[:, 1]) * scale
+    x0, x1 = torch.where(flip, side - x1, x0), torch.where(flip, side - x0, x1)
+    rois = torch.stack([torch.arange(count, dtype=tokens.dtype), x0, y0, x1, y1], 1)
+    sampled = roi_align(maps, rois, grid, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    sampled = torch.where(flip.view(-1, 1, 1, 1), sampled.flip(-1), sampled)
+    return sampled.permute(0, 2, 3, 1)
 
 
 class Head(torch.nn.Module):
@@ -127,10 +154,12 @@ class Student(torch.nn.Module):
         self.backbone = backbone
         self.cls_head, self.patch_head = (Head(dim, prototypes, norm_last_layer) for _ in range(2))
 
-    def forward(self, pixels: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) -> CLS logits (B, K) and patch logits (B, N, K); ``mask`` (B, N) bool = masked patches."""
+    def forward(self, pixels: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> CLS logits (B, K), patch logits (B, N, K) and the patch tokens (B, N, D); ``mask`` (B, N)
+        bool = masked patches."""
         tokens = self.backbone(pixel_values=pixels, bool_masked_pos=mask).last_hidden_state
-        return self.cls_head(tokens[:, 0]), self.patch_head(tokens[:, 1:])
+        return self.cls_head(tokens[:, 0]), self.patch_head(tokens[:, 1:]), tokens[:, 1:]
 
 
 def sharpen(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
@@ -138,27 +167,55 @@ def sharpen(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Te
     return F.softmax((logits - center) / temp, dim=-1)
 
 
-def ssl_loss(student: Student, teacher: Student, views: tuple[torch.Tensor, torch.Tensor], state: dict,
-             args: argparse.Namespace, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """DINO (CLS, cross-view) + iBOT (masked patches) loss for one batch; updates the teacher centres in ``state``."""
-    global_crops, local_crops = views
+def cross_view_patch_loss(student: Student, teacher: Student, s_tokens: torch.Tensor, t_tokens: torch.Tensor,
+                          boxes: torch.Tensor, flip: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+    """Dense DINO between the two global crops of each scene: the teacher's patch distribution of one crop against
+    the student's of the other at the same scene points, a ``DENSE_GRID`` x ``DENSE_GRID`` lattice over the crops'
+    intersection, both directions; scenes whose crops overlap by less than one patch are left out.
+
+    ``s_tokens``, ``t_tokens``: (2B, N, D) crop-major (crop 1 of every scene, then crop 2); ``boxes`` (2B, 4) and
+    ``flip`` (2B,) as ``random_crops`` returns them."""
+    first, second = boxes.chunk(2)
+    region = torch.cat([torch.maximum(first[:, :2], second[:, :2]), torch.minimum(first[:, 2:], second[:, 2:])], 1)
+    patch_side = (first[:, 2] - first[:, 0]).minimum(second[:, 2] - second[:, 0]) / math.isqrt(s_tokens.shape[1])
+    valid = (region[:, 2:] - region[:, :2]).amin(1) >= patch_side
+    if not valid.any():
+        return s_tokens.sum() * 0
+    region = torch.cat([region, region])
+    s_logits = student.patch_head(overlap_tokens(s_tokens, boxes, flip, region, DENSE_GRID)) / 0.1
     with torch.no_grad():
-        t_cls, t_patch = teacher(global_crops)
+        targets = sharpen(teacher.patch_head(overlap_tokens(t_tokens, boxes, flip, region, DENSE_GRID)), center, temp)
+    swapped = torch.cat(targets.chunk(2)[::-1])  # crop 1's student points learn from crop 2's teacher, and back
+    per_point = -(swapped * s_logits.log_softmax(-1)).sum(-1).mean((1, 2))
+    return (per_point * torch.cat([valid, valid])).sum() / (2 * valid.sum())
+
+
+def ssl_loss(student: Student, teacher: Student, views: tuple, state: dict, args: argparse.Namespace,
+             gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """DINO (CLS, cross-view) + iBOT (masked patches) + optional dense cross-view loss for one batch (the terms by
+    name); updates the teacher centres in ``state``. ``views``: (global crops, their boxes, their flips, local
+    crops) as ``random_crops`` returns them."""
+    global_crops, boxes, flip, local_crops = views
+    with torch.no_grad():
+        t_cls, t_patch, t_tokens = teacher(global_crops)
     patches = t_patch.shape[1]
     mask = torch.rand(len(global_crops), patches, generator=gen) < args.mask_ratio
-    s_cls, s_patch = student(global_crops, mask)
-    s_local, _ = student(local_crops)
+    s_cls, s_patch, s_tokens = student(global_crops, mask)
+    s_local = student.cls_head(student.backbone(pixel_values=local_crops).last_hidden_state[:, 0])
     targets = sharpen(t_cls, state["cls_center"], args.teacher_temp).chunk(2)
     student_views = list((s_cls / 0.1).chunk(2)) + list((s_local / 0.1).chunk(args.local_crops))
     terms = [-(t * s.log_softmax(-1)).sum(-1).mean() for i, t in enumerate(targets)
              for j, s in enumerate(student_views) if j != i]
-    dino = torch.stack(terms).mean()
+    losses = {"dino": torch.stack(terms).mean()}
     patch_targets = sharpen(t_patch, state["patch_center"], args.teacher_temp)
     per_patch = -(patch_targets * (s_patch / 0.1).log_softmax(-1)).sum(-1)
-    ibot = (per_patch * mask).sum() / mask.sum().clamp(min=1)
+    losses["ibot"] = (per_patch * mask).sum() / mask.sum().clamp(min=1)
+    if args.dense_weight > 0:
+        losses["dense"] = args.dense_weight * cross_view_patch_loss(
+            student, teacher, s_tokens, t_tokens, boxes, flip, state["patch_center"], args.teacher_temp)
     state["cls_center"] = 0.9 * state["cls_center"] + 0.1 * t_cls.mean(0)
     state["patch_center"] = 0.9 * state["patch_center"] + 0.1 * t_patch.mean((0, 1))
-    return dino, ibot
+    return losses
 
 
 def resized_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -232,12 +289,12 @@ def train(student: Student, images: torch.Tensor, args: argparse.Namespace) -> l
     log, start = [], time.time()
     for step in (bar := tqdm(range(args.steps), desc="train dinov2")):
         batch = images[torch.randint(len(images), (args.batch,), generator=gen)]
-        views = (random_crops(batch, gen, 2, args.global_scale, args.global_size, args),
-                 random_crops(batch, gen, args.local_crops, args.local_scale, args.local_size, args))
+        views = (*random_crops(batch, gen, 2, args.global_scale, args.global_size, args),
+                 random_crops(batch, gen, args.local_crops, args.local_scale, args.local_size, args)[0])
         student.train()
-        dino, ibot = ssl_loss(student, teacher, views, state, args, gen)
+        losses = ssl_loss(student, teacher, views, state, args, gen)
         optimizer.zero_grad(set_to_none=True)
-        (dino + ibot).backward()
+        sum(losses.values()).backward()
         torch.nn.utils.clip_grad_norm_(params, 3.0)
         optimizer.step()
         schedule.step()
@@ -245,9 +302,9 @@ def train(student: Student, images: torch.Tensor, args: argparse.Namespace) -> l
         with torch.no_grad():
             for t, s in zip(teacher.parameters(), student.parameters()):
                 t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-        bar.set_postfix(dino=f"{dino.item():.3f}", ibot=f"{ibot.item():.3f}")
+        bar.set_postfix({name: f"{value.item():.3f}" for name, value in losses.items()})
         if (step + 1) % args.log_every == 0:
-            log.append({"step": step + 1, "dino": dino.item(), "ibot": ibot.item(), "s": round(time.time() - start)})
+            log.append({"step": step + 1, **{n: v.item() for n, v in losses.items()}, "s": round(time.time() - start)})
     student.backbone.load_state_dict(teacher.backbone.state_dict())  # the teacher is the model DINO keeps
     return log
 
@@ -291,6 +348,8 @@ def parse_args() -> argparse.Namespace:
         help="fix the heads' prototype norms at 1 (DINO's norm_last_layer); off for the committed checkpoint")
     add("--momentum", type=float, default=0.99, help="initial teacher EMA momentum (cosine to 1)")
     add("--mask-ratio", type=float, default=0.3)
+    add("--dense-weight", type=float, default=0.0,
+        help="weight of the dense cross-view patch loss (0: off, the committed checkpoint's recipe)")
     add("--global-size", type=int, default=112)
     add("--local-size", type=int, default=56)
     add("--global-scale", type=float, nargs=2, default=(0.35, 1.0))
