@@ -116,15 +116,18 @@ class AlignMethod:
         text_embeddings: float [K, D] text prototypes of the K training classes (single template "a photo of a
             {name}" in the paper), class id k = row k; L2-normalised here. Frozen.
         in_dim: F, the frozen backbone's patch-feature width.
+        ignore_index: the unlabelled id of the label maps and of the patch labels: the vocabulary's (255 for uint8
+            maps, 65535 for vocabularies of more than 255 classes).
     """
 
     Config = AlignConfig
 
-    def __init__(self, cfg: AlignConfig, text_embeddings: Tensor, in_dim: int) -> None:
+    def __init__(self, cfg: AlignConfig, text_embeddings: Tensor, in_dim: int, ignore_index: int = 255) -> None:
         if text_embeddings.ndim != 2:
             raise ValueError(f"text_embeddings must be [K, D], got {tuple(text_embeddings.shape)}")
         self.cfg = cfg
         self.in_dim = in_dim
+        self.ignore_index = ignore_index
         self.text_embeddings = F.normalize(text_embeddings.detach().float(), dim=-1)
 
     def build_model(self) -> AlignmentModule:
@@ -141,6 +144,12 @@ class AlignMethod:
         """SGD with the configured momentum over `param_groups(model)`."""
         return torch.optim.SGD(self.param_groups(model), momentum=self.cfg.momentum)
 
+    def patch_targets(self, label_maps: Tensor, grid_hw: tuple[int, int]) -> Tensor:
+        """Patch labels of a batch: int [B, H, W] label maps -> int64 [B, h, w] (`patch_labels` with this method's
+        `min_fraction` and ignore id), on the CPU."""
+        return torch.stack([patch_labels(label, grid_hw, self.ignore_index, self.cfg.min_fraction)
+                            for label in label_maps])
+
     def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, float]]:
         """TSupCon (or, with ``loss: text_ce``, prototype cross-entropy) over all labelled patches of the batch.
 
@@ -154,7 +163,7 @@ class AlignMethod:
         """
         z = flatten_tokens(model(batch["features"])).flatten(0, 1)  # [B*h*w, D]
         labels = batch["patch_labels"].to(z.device).flatten()
-        valid = labels != self.cfg.ignore_index
+        valid = labels != self.ignore_index
         z, labels = z[valid], labels[valid]
         prototypes = self.text_embeddings.to(z.device)
         similarity = z @ prototypes.T  # [N, K]

@@ -79,8 +79,8 @@ class AlignConfig:
         temperature, include_self_positive: see tsupcon_loss (temperature also divides text_ce's logits).
         count_absent_classes: Eq. 1's normaliser K counts every text feature (default, the paper) or, false,
             only the classes present in the batch (see tsupcon_loss).
-        ignore_index: unlabeled patch id in `patch_labels`.
-        min_fraction: patch-vote threshold of `patch_labels`.
+        min_fraction: patch-vote threshold of `patch_labels` (the share of a patch its winning class must cover,
+            unlabelled pixels counted in the patch; [inferred]). The ignore id is the vocabulary's, not a knob.
         lr, momentum, weight_decay: SGD settings.
         schedule: learning-rate schedule name for the trainer ("cosine" annealing).
         epochs: passes over the training images (paper: 10).
@@ -97,7 +97,6 @@ class AlignConfig:
     temperature: float = 1.0
     include_self_positive: bool = True
     count_absent_classes: bool = True
-    ignore_index: int = 255
     min_fraction: float = 0.5
     lr: float = 0.01
     momentum: float = 0.9
@@ -156,7 +155,6 @@ class ZegCLIPConfig:
     st_focal_weight: float | None = None  # focal weight once self-training runs; None = focal_weight (VOC ST: 20)
     alpha: float = 0.25
     gamma: float = 2.0
-    ignore_index: int = 255
     mode: Literal["inductive", "transductive"] = "inductive"
     seen_penalty: float = 0.1  # subtracted from seen-class sigmoid scores at inductive test time
     st_seen_penalty: float = 0.0  # the same after transductive training (release: 0)

@@ -73,7 +73,7 @@ def build_align(cfg: MethodConfig, vocab: Vocabulary, device: torch.device) -> B
 
     clip = build_clip(cfg, device)
     dinov2 = Dinov2.build(dataclasses.replace(cfg.dinov2, device=str(device)))
-    method = AlignMethod(cfg.align, text_classifier(clip, vocab, cfg).to(device), in_dim=dinov2.embed_dim)
+    method = AlignMethod(cfg.align, text_classifier(clip, vocab, cfg).to(device), dinov2.embed_dim, vocab.ignore_index)
     return BuiltMethod(method, method.build_model().to(device), dinov2)
 
 
@@ -83,7 +83,7 @@ def build_zegclip(cfg: MethodConfig, vocab: Vocabulary, device: torch.device) ->
 
     clip = build_clip(cfg, device)
     method = ZegCLIPMethod(cfg.zegclip, clip.model, text_classifier(clip, vocab, cfg).to(device), vocab.seen_ids,
-                           vocab.unseen_ids)
+                           vocab.unseen_ids, vocab.ignore_index)
     return BuiltMethod(method, method.build_model().to(device))
 
 

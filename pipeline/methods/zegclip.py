@@ -74,12 +74,14 @@ class ZegCLIPMethod:
         text_embeddings: float [M, D] class embeddings in global train-id order (all classes).
         seen_ids: global ids of seen classes (used in training).
         unseen_ids: global ids of unseen classes (never supervised by GT; pseudo-labelled in transductive mode).
+        ignore_index: the label maps' unlabelled id, the vocabulary's (255 for uint8 maps, 65535 above 255
+            classes, where 255 is a class).
     """
 
     Config = ZegCLIPConfig
 
     def __init__(self, cfg: ZegCLIPConfig, clip_model: nn.Module, text_embeddings: Tensor,
-                 seen_ids: Sequence[int], unseen_ids: Sequence[int]) -> None:
+                 seen_ids: Sequence[int], unseen_ids: Sequence[int], ignore_index: int = 255) -> None:
         num_classes = int(text_embeddings.shape[0])
         seen, unseen = [int(i) for i in seen_ids], [int(i) for i in unseen_ids]
         if set(seen) & set(unseen):
@@ -89,6 +91,7 @@ class ZegCLIPMethod:
         if not seen:
             raise ValueError("zegclip needs at least one seen class to train on")
         self.cfg = cfg
+        self.ignore_index = ignore_index
         self.visual = _visual_tower(clip_model)
         self.text_embeddings = text_embeddings
         self.seen_ids = torch.tensor(seen, dtype=torch.long)
@@ -171,13 +174,13 @@ class ZegCLIPMethod:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         if self_training:
             labels = pseudo_label_unseen(logits.detach(), labels, query_ids, self.unseen_ids.to(labels.device),
-                                         self.cfg.ignore_index)
+                                         self.ignore_index)
         focal_weight = self.cfg.focal_weight
         if self_training and self.cfg.st_focal_weight is not None:
             focal_weight = self.cfg.st_focal_weight
-        loss, parts = nel_loss(logits, labels, query_ids, self.cfg.ignore_index, focal_weight, self.cfg.dice_weight,
+        loss, parts = nel_loss(logits, labels, query_ids, self.ignore_index, focal_weight, self.cfg.dice_weight,
                                self.cfg.alpha, self.cfg.gamma)
-        labelled = labels != self.cfg.ignore_index
+        labelled = labels != self.ignore_index
         predicted = query_ids[logits.detach().argmax(dim=1)]
         pixel_acc = (predicted == labels)[labelled].float().mean() if labelled.any() else labels.new_zeros(())
         logs = {"loss": loss.detach(), "loss_focal": parts["focal"], "loss_dice": parts["dice"],
@@ -194,7 +197,7 @@ class ZegCLIPMethod:
         """
         visible = self.seen_ids if not keep_unseen else torch.cat([self.seen_ids, self.unseen_ids])
         keep = torch.isin(labels, visible.to(labels.device))
-        return torch.where(keep, labels, torch.full_like(labels, self.cfg.ignore_index))
+        return torch.where(keep, labels, torch.full_like(labels, self.ignore_index))
 
     def predict_logits(self, model: nn.Module, pixels: Tensor) -> Tensor:
         """All-class mask logits resized to the input, for the evaluation engine (call `model.eval()` first).

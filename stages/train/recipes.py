@@ -101,15 +101,12 @@ def ifseg_recipe(inputs: RecipeInputs) -> Recipe:
 
 def align_recipe(inputs: RecipeInputs) -> Recipe:
     """TSupCon on frozen DINOv2 patch features with patch labels voted from the pseudo-label maps."""
-    from pipeline.methods.align import patch_labels
-
     built = build(inputs)
-    method, dinov2, ignore = built.method, built.backbone, inputs.vocab.ignore_index
+    method, dinov2 = built.method, built.backbone
 
     def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
         features = dinov2_features(dinov2, batch["pixels"])
-        grid = tuple(features.shape[-2:])
-        labels = torch.stack([patch_labels(label, grid, ignore) for label in batch["labels"]])
+        labels = method.patch_targets(batch["labels"], tuple(features.shape[-2:]))
         return method.loss(m, {"features": features, "patch_labels": labels.to(inputs.device)})
 
     lr = lr_schedule(method.cfg.schedule, inputs.cfg.loop.steps)

@@ -218,3 +218,36 @@ def test_text_ce_variant_is_cross_entropy_over_prototypes_only() -> None:
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert loss.item() != pytest.approx(AlignMethod(AlignConfig(head="linear"), text, 2).loss(
         model, {"features": features, "patch_labels": labels})[0].item(), abs=1e-3)
+
+
+def test_patch_targets_use_the_methods_min_fraction_and_the_vocabularys_ignore_id() -> None:
+    """A 301-class vocabulary (uint16 maps: 65535 = unlabelled, 255 = a class). 2 x 2 patches of 14 x 14 px:
+    (0, 0) 64 % class 300, (0, 1) 29 % class 1, (1, 0) unlabelled, (1, 1) all class 255; the rest unlabelled."""
+    label = np.full((28, 28), 65535, dtype=np.int64)
+    label[:9, :14] = 300  # 126 of 196 pixels
+    label[:4, 14:] = 1  # 56 of 196
+    label[14:, 14:] = 255
+    text = F.normalize(torch.randn(301, 8), dim=-1)
+    maps = torch.from_numpy(label)[None]
+    for min_fraction, expected in ((0.5, [[300, 65535], [65535, 255]]), (0.25, [[300, 1], [65535, 255]]),
+                                   (0.7, [[65535, 65535], [65535, 255]])):
+        method = AlignMethod(AlignConfig(head="linear", loss="text_ce", min_fraction=min_fraction), text, in_dim=4,
+                             ignore_index=65535)
+        targets = method.patch_targets(maps, (2, 2))
+        assert targets.tolist() == [expected], min_fraction
+        _, logs = method.loss(method.build_model(), {"features": torch.randn(1, 4, 2, 2), "patch_labels": targets})
+        assert logs["valid_patches"] == sum(v != 65535 for row in expected for v in row)
+
+
+@pytest.mark.parametrize("method", ["align", "zegclip"])
+def test_registry_gives_align_and_zegclip_the_vocabularys_ignore_id(method: str) -> None:
+    """pascal_context_459 labels are uint16 with 65535 = unlabelled: the built method must ignore 65535, not 255."""
+    from pipeline.data.vocab import load_vocab
+    from pipeline.methods.configs import MethodConfig
+    from pipeline.methods.registry import METHODS
+    from pipeline.models.configs import ClipConfig, Dinov2Config
+
+    cfg = MethodConfig(method=method, prompt_templates="single", clip=ClipConfig(model_name="toy-vit", pretrained=None),
+                       dinov2=Dinov2Config(name="toy"))
+    built = METHODS[method].build(cfg, load_vocab("pascal_context_459"), torch.device("cpu"))
+    assert built.method.ignore_index == 65535

@@ -34,11 +34,22 @@ def clip_model() -> torch.nn.Module:
 
 
 def make_method(clip_model: torch.nn.Module, num_classes: int = 5, seen: tuple = (0, 1, 2), unseen: tuple = (3, 4),
-                **overrides: object) -> ZegCLIPMethod:
+                ignore_index: int = 255, **overrides: object) -> ZegCLIPMethod:
     torch.manual_seed(1)
     cfg = ZegCLIPConfig(**{**TINY_CFG, **overrides})
     text = F.normalize(torch.randn(num_classes, 32), dim=-1)
-    return ZegCLIPMethod(cfg, clip_model, text, list(seen), list(unseen))
+    return ZegCLIPMethod(cfg, clip_model, text, list(seen), list(unseen), ignore_index)
+
+
+def test_class_255_is_supervised_when_the_vocabulary_ignores_65535(clip_model: torch.nn.Module) -> None:
+    """More than 255 classes: uint16 maps, 65535 = unlabelled (the crop padding too), 255 an ordinary class."""
+    method = make_method(clip_model, num_classes=300, seen=(254, 255), unseen=(299,), ignore_index=65535)
+    labels = torch.full((1, 32, 32), 65535)
+    labels[:, :16] = 255
+    _, logs = method.loss(method.build_model(), {"pixels": torch.randn(1, 3, 32, 32), "labels": labels},
+                          step=0, total_steps=10)
+    assert logs["num_masks"] == 1  # class 255's mask; with 255 as the ignore id nothing would be supervised
+    assert method.visible_labels(labels, keep_unseen=False).eq(labels).all()
 
 
 def test_only_prompts_decoder_and_query_projection_are_trainable(clip_model: torch.nn.Module) -> None:
