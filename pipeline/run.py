@@ -30,7 +30,16 @@ from pipeline.lease import LeaseConfig, LeaseHeld, LeaseLost, hold
 from pipeline.overrides import config_hint, split_data_overrides
 from pipeline.planning import plan_fingerprints, planned_fingerprint
 from pipeline.progress import Board
-from pipeline.shards import MANIFEST_NAME, ShardDone, StageOutput, join, read_dones, write_pointer, write_stage_index
+from pipeline.shards import (
+    MANIFEST_NAME,
+    ShardDone,
+    StageOutput,
+    join,
+    read_dones,
+    read_pointer,
+    write_pointer,
+    write_stage_index,
+)
 from pipeline.stage import Resources, ShardPlan, Stage, StageContext
 from pipeline.threads import pinned_torch_threads
 
@@ -155,6 +164,8 @@ def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
     fs, root_path = fsspec.core.url_to_fs(root)
     out_path = join(root_path, node.name, fingerprints[node.name])
     if not forced and (summary := _up_to_date(fs, node, out_path, cfg)):
+        if not cfg.get("dry_run"):
+            _point_at(fs, join(root_path, node.name), fingerprints[node.name])
         return summary
     planned = planned_fingerprint(node, cfg, fingerprints)
     history = incremental.earlier_outputs(fs, join(root_path, node.name), exclude=planned.value)
@@ -164,6 +175,7 @@ def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
     with hold(fs, out_path, build_config(LeaseConfig, cfg.get("lease"), "lease"), node.name) as lease:
         if not (forced and not lease.waited) and (summary := _up_to_date(fs, node, out_path, cfg)):
             summary.reason = "committed by a concurrent run"  # while this run waited for, or raced to, the lease
+            _point_at(fs, join(root_path, node.name), planned.value)
             return summary
         with pinned_torch_threads(_driver_threads(node, executor_kind)):
             summary, manifest, shards = _execute(node, cfg, fingerprints, fs, out_path, planned, history, forced,
@@ -183,6 +195,13 @@ def _driver_threads(node: dag.Node, executor_kind: str) -> int:
     if not scheduler.runs_in_driver(node.config, executor_kind):
         return 0
     return int((node.config.get("resources") or {}).get("torch_threads") or 0)
+
+
+def _point_at(fs: fsspec.AbstractFileSystem, node_dir: str, fingerprint: str) -> None:
+    """Make `<node_dir>/current.json` name `fingerprint` when it names another output: a run whose config maps to
+    an existing output (a reverted knob) leaves the node pointing at what it just ran, as a computing run does."""
+    if read_pointer(fs, node_dir) != fingerprint:
+        write_pointer(fs, node_dir, fingerprint)
 
 
 def _up_to_date(fs: fsspec.AbstractFileSystem, node: dag.Node, out_path: str,

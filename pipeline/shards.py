@@ -289,8 +289,16 @@ def write_stage_index(
     write_atomic(fs, join(stage_dir, MANIFEST_NAME), json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
+def read_pointer(fs: fsspec.AbstractFileSystem, node_dir: str) -> str | None:
+    """The fingerprint `<node_dir>/current.json` names, or None when there is no pointer yet."""
+    try:
+        return json.loads(fs.cat_file(join(node_dir, POINTER_NAME)))["fingerprint"]
+    except FileNotFoundError:
+        return None
+
+
 def write_pointer(fs: fsspec.AbstractFileSystem, node_dir: str, fingerprint: str) -> None:
-    """Point `<node_dir>/current.json` at the fingerprint directory that just completed."""
+    """Point `<node_dir>/current.json` at the fingerprint directory that just completed (or was found up to date)."""
     pointer = {"fingerprint": fingerprint, "path": fingerprint, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                          time.gmtime())}
     write_atomic(fs, join(node_dir, POINTER_NAME), json.dumps(pointer, indent=1).encode())

@@ -61,6 +61,10 @@ def test_knob_change_reruns_node_and_descendants_into_new_fingerprints(tmp_path)
     assert all((tmp_path / n / old[n] / "manifest.json").exists() for n in old)  # old outputs stay
     reverted = run(config(tmp_path, PROBE))
     assert [s.status for s in reverted] == ["up to date", "up to date"]
+    # the node directory (current.json) points at the config just run, not at the last one that computed
+    assert {n: open_stage(str(tmp_path / n)).fingerprint for n in old} == old
+    run(config(tmp_path, PROBE, "dry_run=true", "wordgrid.max_grid_size=4"))  # a dry run moves no pointer
+    assert {n: open_stage(str(tmp_path / n)).fingerprint for n in old} == old
     only_descendant = run(config(tmp_path, PROBE, "+gridstats.fail_every=0", "force=[gridstats]"))
     assert [s.status for s in only_descendant] == ["up to date", "ran"]
 
