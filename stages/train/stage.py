@@ -65,7 +65,9 @@ class TrainStage(Stage):
     """Unsharded stage: `run_unsharded` drives Ray Train (or the local backend) and writes model.pt."""
 
     kind = "train"
-    code_version = "2"  # 2: release ZegCLIP recipe (mmseg crops, no clip, reset at switch, double CLS), IFSeg words
+    # 2: release ZegCLIP recipe (mmseg crops, no clip, reset at switch, double CLS), IFSeg words;
+    # 3: align.min_fraction reaches the patch vote, align/zegclip ignore the vocabulary's unlabelled id
+    code_version = "3"
     schema = "model/1"
     sharded = False
     uses_models = True
