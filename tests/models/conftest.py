@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import pytest
@@ -28,3 +31,13 @@ def toy_sam() -> Sam:
     from pipeline.models.sam import Sam, SamConfig
 
     return Sam.build(SamConfig(model_type="toy"))
+
+
+@pytest.fixture(scope="session")
+def toy_dinov2_script() -> ModuleType:
+    """`scripts/train_toy_dinov2.py` imported as a module (its augmentation, crop and probe helpers)."""
+    path = Path(__file__).resolve().parents[2] / "scripts" / "train_toy_dinov2.py"
+    spec = importlib.util.spec_from_file_location("train_toy_dinov2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
