@@ -162,20 +162,21 @@ def run_node(node: dag.Node, cfg: Mapping[str, Any], fingerprints: Mapping[str, 
     publishes the manifest atomically (a forced re-run never deletes the manifest others may be reading).
     """
     fs, root_path = fsspec.core.url_to_fs(root)
-    out_path = join(root_path, node.name, fingerprints[node.name])
+    node_dir = join(root_path, node.name)
+    out_path = join(node_dir, fingerprints[node.name])
     if not forced and (summary := _up_to_date(fs, node, out_path, cfg)):
         if not cfg.get("dry_run"):
-            _point_at(fs, join(root_path, node.name), fingerprints[node.name])
+            _point_at(fs, node_dir, fingerprints[node.name])
         return summary
     planned = planned_fingerprint(node, cfg, fingerprints)
-    history = incremental.earlier_outputs(fs, join(root_path, node.name), exclude=planned.value)
+    history = incremental.earlier_outputs(fs, node_dir, exclude=planned.value)
     reason = explain.why(fs, node.name, planned, history, out_path, forced)
     if cfg.get("dry_run"):
         return NodeSummary(node.name, "would run", 0, 0, 0, 0.0, reason=reason)
     with hold(fs, out_path, build_config(LeaseConfig, cfg.get("lease"), "lease"), node.name) as lease:
         if not (forced and not lease.waited) and (summary := _up_to_date(fs, node, out_path, cfg)):
             summary.reason = "committed by a concurrent run"  # while this run waited for, or raced to, the lease
-            _point_at(fs, join(root_path, node.name), planned.value)
+            _point_at(fs, node_dir, planned.value)
             return summary
         with pinned_torch_threads(_driver_threads(node, executor_kind)):
             summary, manifest, shards = _execute(node, cfg, fingerprints, fs, out_path, planned, history, forced,
