@@ -16,8 +16,10 @@ in the process environment (if unset), so nothing waits on DNS where no network 
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,25 @@ __all__ = ["Clip", "ClipCanvas", "ClipConfig", "SlidingFeatures", "patch_centers
 
 OPEN_CLIP_CONFIGS = (Path(__file__).resolve().parent / "configs" / "toy-vit.json",)
 _registered = False
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """Drops open_clip's "Model initialized randomly" warning (its `create_model` without a tag), which is false when
+    the local weights file is loaded right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init(active: bool) -> Iterator[None]:
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    if active:
+        root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def register_open_clip_configs() -> None:
@@ -99,7 +120,7 @@ class Clip:
         local = None if tag else resolve_weights(ref, key="clip.pretrained")
         import open_clip
 
-        with seeded_init(cfg.init_seed):
+        with seeded_init(cfg.init_seed), _quiet_random_init(local is not None):
             model = open_clip.create_model(
                 cfg.model_name, pretrained=tag, precision=cfg.precision, device=resolve_device(cfg.device),
                 force_quick_gelu=cfg.force_quick_gelu,

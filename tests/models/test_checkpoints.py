@@ -140,6 +140,17 @@ def test_clip_checkpoint_layouts_load_identically(toy_clip: Clip, tmp_path: Path
         _assert_same_weights(open_clip.create_model("toy-vit", pretrained=str(path)), toy_clip.model)
 
 
+def test_clip_from_a_file_does_not_log_a_random_init(toy_clip: Clip, tmp_path: Path, caplog) -> None:
+    path = tmp_path / "toy-vit.pt"
+    torch.save(toy_clip.model.state_dict(), path)
+    with caplog.at_level("WARNING"):
+        Clip.build(ClipConfig(model_name="toy-vit", pretrained=str(path)))
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    with caplog.at_level("WARNING"):
+        Clip.build(ClipConfig(model_name="toy-vit", pretrained=None))  # truly random: open_clip's warning stays
+    assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+
 def test_clip_wrong_architecture_fails_naming_key_and_arch(toy_clip: Clip, tmp_path: Path) -> None:
     path = tmp_path / "toy-vit.pt"
     torch.save(toy_clip.model.state_dict(), path)
