@@ -316,11 +316,11 @@ class StageOutput:
         self.fs, path = fsspec.core.url_to_fs(url, **storage_options)
         path = path.rstrip("/")
         if not self.fs.exists(join(path, MANIFEST_NAME)):
-            pointer = join(path, POINTER_NAME)
-            if not self.fs.exists(pointer):
+            fingerprint = read_pointer(self.fs, path)
+            if fingerprint is None:
                 raise FileNotFoundError(f"{url} is neither a stage output (no {MANIFEST_NAME}) nor a node "
                                         f"directory (no {POINTER_NAME}); run that stage first")
-            path = join(path, json.loads(self.fs.cat_file(pointer))["path"])
+            path = join(path, fingerprint)
         self.path = path
         self.manifest: dict[str, Any] = json.loads(self.fs.cat_file(join(path, MANIFEST_NAME)))
 
