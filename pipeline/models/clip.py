@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -37,7 +38,7 @@ from pipeline.models.checkpoints import (
     resolve_weights,
     seeded_init,
 )
-from pipeline.models.configs import ClipConfig, clip_identity
+from pipeline.models.configs import ClipConfig, clip_identity, clip_weights_identity
 from pipeline.models.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
 from pipeline.models.sliding import ClipCanvas, SlidingFeatures, patch_centers
 
@@ -45,6 +46,11 @@ __all__ = ["Clip", "ClipCanvas", "ClipConfig", "SlidingFeatures", "patch_centers
 
 OPEN_CLIP_CONFIGS = (Path(__file__).resolve().parent / "configs" / "toy-vit.json",)
 _registered = False
+# Prompt-ensembled class embeddings shared by the `Clip`s of one process that `Clip.build` made from the same weights
+# at the same precision (an eval with five dense backends encodes its prompts once): (text key, names, templates) ->
+# float32 [M, D] on CPU; the dense backend and its proxy rewire only the image tower. The oldest entries go first.
+_SHARED_TEXT: OrderedDict[tuple[str, tuple[str, ...], tuple[str, ...]], torch.Tensor] = OrderedDict()
+_SHARED_TEXT_ENTRIES = 16
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -83,12 +89,14 @@ def register_open_clip_configs() -> None:
 class Clip:
     """A frozen open_clip model plus the feature extractors the pipeline needs (all under ``torch.no_grad``)."""
 
-    def __init__(self, model: torch.nn.Module, cfg: ClipConfig, identity: str, proxy: Any = None) -> None:
+    def __init__(self, model: torch.nn.Module, cfg: ClipConfig, identity: str, proxy: Any = None,
+                 text_key: str | None = None) -> None:
         """Wrap an already built open_clip model; use `Clip.build` to construct one from a `ClipConfig`.
 
         `proxy` is the `pipeline.models.dinov2.Dinov2` whose patch features give ProxyCLIP's attention
         (``cfg.dense == "proxyclip"`` only); `Clip.build` puts it on the CLIP's device unless ``cfg.proxy.device``
-        names one.
+        names one. `text_key` names the text tower's weights and precision for the process-wide text cache
+        (`Clip.build` sets it); without one, `encode_text` caches per instance only.
         """
         import open_clip
 
@@ -102,6 +110,7 @@ class Clip:
         preprocess_cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
         self.mean: tuple[float, ...] = tuple(preprocess_cfg.get("mean", CLIP_MEAN))
         self.std: tuple[float, ...] = tuple(preprocess_cfg.get("std", CLIP_STD))
+        self.text_key = text_key
         self._text_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], torch.Tensor] = {}
 
     @classmethod
@@ -133,7 +142,8 @@ class Clip:
             from pipeline.models.dinov2 import Dinov2
 
             proxy = Dinov2.build(cfg.proxy if cfg.proxy.device != "auto" else replace(cfg.proxy, device=cfg.device))
-        return cls(model, cfg, identity=clip_identity(cfg), proxy=proxy)
+        return cls(model, cfg, identity=clip_identity(cfg), proxy=proxy,
+                   text_key=f"{clip_weights_identity(cfg)}:{cfg.precision}")
 
     @property
     def device(self) -> torch.device:
@@ -160,8 +170,8 @@ class Clip:
         """Prompt-ensembled class embeddings.
 
         For each template the M prompts ``template.format(name)`` are encoded and L2-normalised; the per-class mean
-        over templates is renormalised. Results are cached per instance by (names, templates): the key includes no
-        identity because one instance has one set of weights.
+        over templates is renormalised. Results are cached by (names, templates): per instance, and across the
+        instances `Clip.build` made from the same weights and precision (``text_key``), whatever their dense backend.
 
         Args:
             names: M class names.
@@ -172,14 +182,26 @@ class Clip:
         """
         key = (tuple(names), tuple(templates))
         if key not in self._text_cache:
-            if not names or not templates:
-                raise ValueError("encode_text needs at least one name and one template")
-            prompts = [template.format(name) for template in templates for name in names]
-            feats = torch.cat([self._encode_prompts(prompts[i:i + self.cfg.text_batch_size])
-                               for i in range(0, len(prompts), self.cfg.text_batch_size)])
-            per_template = F.normalize(feats, dim=-1).view(len(templates), len(names), -1)
-            self._text_cache[key] = F.normalize(per_template.mean(dim=0), dim=-1)
+            shared_key = None if self.text_key is None else (self.text_key, *key)
+            if shared_key in _SHARED_TEXT:
+                _SHARED_TEXT.move_to_end(shared_key)
+                self._text_cache[key] = _SHARED_TEXT[shared_key].to(self.device)
+            else:
+                self._text_cache[key] = self._ensemble(*key)
+                if shared_key is not None:
+                    _SHARED_TEXT[shared_key] = self._text_cache[key].cpu()
+                    while len(_SHARED_TEXT) > _SHARED_TEXT_ENTRIES:
+                        _SHARED_TEXT.popitem(last=False)
         return self._text_cache[key].clone()
+
+    def _ensemble(self, names: tuple[str, ...], templates: tuple[str, ...]) -> torch.Tensor:
+        if not names or not templates:
+            raise ValueError("encode_text needs at least one name and one template")
+        prompts = [template.format(name) for template in templates for name in names]
+        feats = torch.cat([self._encode_prompts(prompts[i:i + self.cfg.text_batch_size])
+                           for i in range(0, len(prompts), self.cfg.text_batch_size)])
+        per_template = F.normalize(feats, dim=-1).view(len(templates), len(names), -1)
+        return F.normalize(per_template.mean(dim=0), dim=-1)
 
     def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(prompts).to(self.device)

@@ -154,12 +154,17 @@ def clip_identity(cfg: ClipConfig) -> str:
 
     The proxy part is present only for ``dense: proxyclip`` (the only backend that loads the proxy model).
     """
+    proxy = f"+proxy={dinov2_identity(cfg.proxy)}" if cfg.dense == "proxyclip" and cfg.proxy is not None else ""
+    return f"{clip_weights_identity(cfg)}{proxy}"
+
+
+def clip_weights_identity(cfg: ClipConfig) -> str:
+    """The open_clip model alone, without the proxy: ``open_clip:<arch>[+quickgelu]@<weights identity>``."""
     from pipeline.models.checkpoints import model_weights_identity
 
     quick = "+quickgelu" if cfg.force_quick_gelu else ""
     weights = model_weights_identity(cfg.pretrained, cfg.init_seed, "clip.pretrained")
-    proxy = f"+proxy={dinov2_identity(cfg.proxy)}" if cfg.dense == "proxyclip" and cfg.proxy is not None else ""
-    return f"open_clip:{cfg.model_name}{quick}@{weights}{proxy}"
+    return f"open_clip:{cfg.model_name}{quick}@{weights}"
 
 
 def sam_identity(cfg: SamConfig) -> str:

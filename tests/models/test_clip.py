@@ -120,6 +120,30 @@ def test_encode_text_is_normalised_template_mean(toy_clip: Clip) -> None:
 
 
 @torch.no_grad()
+def test_clips_of_the_same_weights_encode_prompts_once_whatever_their_dense_backend(monkeypatch) -> None:
+    names, templates = ("sky", "road", "tree"), ("a photo of a {}.", "a bad photo of the {}.", "art of the {}.")
+    encoded: list[int] = []
+    encode_prompts = Clip._encode_prompts
+    monkeypatch.setattr(Clip, "_encode_prompts", lambda self, prompts: encoded.append(len(prompts))
+                        or encode_prompts(self, prompts))
+    maskclip = Clip.build(ClipConfig(model_name="toy-vit", init_seed=5))
+    naclip = Clip.build(ClipConfig(model_name="toy-vit", init_seed=5, dense="naclip"))
+    expected = maskclip.encode_text(names, templates)
+    assert sum(encoded) == 9
+    expected.zero_()  # the caller's copy; neither cache may see it
+    torch.testing.assert_close(naclip.encode_text(names, templates), maskclip.encode_text(names, templates))
+    assert sum(encoded) == 9 and naclip.encode_text(names, templates).abs().sum() > 0
+    # other weights, another precision, or a model wrapped by hand encode for themselves
+    other_seed = Clip.build(ClipConfig(model_name="toy-vit", init_seed=6))
+    bf16 = Clip.build(ClipConfig(model_name="toy-vit", init_seed=5, precision="bf16"))
+    by_hand = Clip(maskclip.model, maskclip.cfg, maskclip.identity)
+    for clip in (other_seed, bf16, by_hand):
+        clip.encode_text(names, templates)
+    assert sum(encoded) == 36
+    assert not torch.allclose(other_seed.encode_text(names, templates), maskclip.encode_text(names, templates))
+
+
+@torch.no_grad()
 def test_classify_crops_is_100_cosine(toy_clip: Clip) -> None:
     crops = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     image = toy_clip.encode_image(crops)
