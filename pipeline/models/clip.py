@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -48,9 +49,31 @@ OPEN_CLIP_CONFIGS = (Path(__file__).resolve().parent / "configs" / "toy-vit.json
 _registered = False
 # Prompt-ensembled class embeddings shared by the `Clip`s of one process that `Clip.build` made from the same weights
 # at the same precision (an eval with five dense backends encodes its prompts once): (text key, names, templates) ->
-# float32 [M, D] on CPU; the dense backend and its proxy rewire only the image tower. The oldest entries go first.
-_SHARED_TEXT: OrderedDict[tuple[str, tuple[str, ...], tuple[str, ...]], torch.Tensor] = OrderedDict()
+# float32 [M, D] on CPU; the dense backend and its proxy rewire only the image tower. The least recently used entries
+# go first. A lock guards it: the scheduler runs a DAG's nodes in threads of one process.
+SharedTextKey = tuple[str, tuple[str, ...], tuple[str, ...]]
+_SHARED_TEXT: OrderedDict[SharedTextKey, torch.Tensor] = OrderedDict()
 _SHARED_TEXT_ENTRIES = 16
+_SHARED_TEXT_LOCK = threading.Lock()
+
+
+def _shared_text(key: SharedTextKey | None) -> torch.Tensor | None:
+    """The shared embeddings under `key`, or None (also for no key)."""
+    with _SHARED_TEXT_LOCK:
+        text = _SHARED_TEXT.get(key) if key is not None else None
+        if text is not None:
+            _SHARED_TEXT.move_to_end(key)
+        return text
+
+
+def _share_text(key: SharedTextKey | None, text: torch.Tensor) -> None:
+    """Keep a CPU copy of `text` under `key` (nothing for no key), dropping the least recently used beyond the cap."""
+    if key is None:
+        return
+    with _SHARED_TEXT_LOCK:
+        _SHARED_TEXT[key] = text.cpu()
+        while len(_SHARED_TEXT) > _SHARED_TEXT_ENTRIES:
+            _SHARED_TEXT.popitem(last=False)
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -183,15 +206,11 @@ class Clip:
         key = (tuple(names), tuple(templates))
         if key not in self._text_cache:
             shared_key = None if self.text_key is None else (self.text_key, *key)
-            if shared_key in _SHARED_TEXT:
-                _SHARED_TEXT.move_to_end(shared_key)
-                self._text_cache[key] = _SHARED_TEXT[shared_key].to(self.device)
-            else:
-                self._text_cache[key] = self._ensemble(*key)
-                if shared_key is not None:
-                    _SHARED_TEXT[shared_key] = self._text_cache[key].cpu()
-                    while len(_SHARED_TEXT) > _SHARED_TEXT_ENTRIES:
-                        _SHARED_TEXT.popitem(last=False)
+            text = _shared_text(shared_key)
+            if text is None:
+                text = self._ensemble(*key)
+                _share_text(shared_key, text)
+            self._text_cache[key] = text.to(self.device)
         return self._text_cache[key].clone()
 
     def _ensemble(self, names: tuple[str, ...], templates: tuple[str, ...]) -> torch.Tensor:
